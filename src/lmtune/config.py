@@ -1,0 +1,487 @@
+"""The typed training config: schema, loading (.py / .yaml), overrides, list-cfg / copy-cfg.
+
+A config is a Python file of plain top-level assignments (strings, numbers, booleans, lists,
+dicts of those) or a YAML file with the same keys. Every key is declared in `Config` below;
+an unknown key is an error naming the nearest valid one, and each value is checked for type
+and range.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import difflib
+import os
+import re
+import shutil
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional, Union
+
+from lmtune.errors import UserError
+
+BUILTIN_DIR = Path(__file__).parent / "configs"
+
+# One data source: a path string, or {"path": ..., "format": ..., "repeat": ..., "weight": ...}.
+DataSource = Union[str, dict]
+
+
+@dataclass
+class Config:
+    # ---- PART 1: settings -------------------------------------------------------------
+    # A local Hugging Face folder, a hub id, a .gguf file, or "smollm2-135m-instruct".
+    model: str = "smollm2-135m-instruct"
+    # Data sources mixed together; see docs/data.md.
+    datasets: list = field(default_factory=list)
+    data_format: Literal["auto", "openai", "alpaca", "sharegpt", "oasst1", "pretrain"] = "auto"
+    prompt_template: str = "auto"  # a template name, or "auto" = the tokenizer's own
+    system: Optional[str] = None  # system prompt added to conversations that have none
+    max_length: int = 2048
+    pack_to_max_length: bool = True
+    shuffle_before_pack: bool = True
+    evaluation_freq: int = 0  # steps between in-training chat probes (0 = only at the end)
+    evaluation_inputs: list = field(default_factory=list)
+
+    # ---- PART 2: model & method -------------------------------------------------------
+    method: Literal["full", "lora"] = "lora"
+    objective: Literal["sft", "pretrain"] = "sft"
+    quantization: Literal["none", "nf4", "int8"] = "none"
+    lora_r: int = 16
+    lora_alpha: int = 32
+    lora_dropout: float = 0.05
+    lora_target_modules: Union[str, list] = "all-linear"
+    torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    trust_remote_code: bool = False
+    allow_pickle: bool = False  # load .bin (pickle) weights; off: safetensors only
+    gradient_checkpointing: bool = False
+
+    # ---- PART 3: data processing ------------------------------------------------------
+    num_proc: int = 1  # tokenization processes
+    max_dataset_samples: int = 0  # 0 = all; otherwise keep the first N after mixing
+
+    # ---- PART 4: optimizer & schedule -------------------------------------------------
+    lr: float = 2e-4
+    weight_decay: float = 0.0
+    betas: list = field(default_factory=lambda: [0.9, 0.999])
+    max_norm: float = 1.0  # gradient clipping; 0 = off
+    warmup_ratio: float = 0.03
+    lr_scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    min_lr_ratio: float = 0.0
+    max_epochs: float = 3
+    max_steps: int = 0  # > 0 overrides max_epochs
+    batch_size: int = 1  # per device, in rows (a packed row holds several samples)
+    accumulative_counts: int = 16
+
+    # ---- PART 5: runtime --------------------------------------------------------------
+    seed: int = 42
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    device: str = "auto"  # "auto", "cpu", "cuda", "cuda:1"
+    strategy: Literal["auto", "single", "ddp", "fsdp2", "deepspeed"] = "auto"
+    deepspeed: Optional[str] = None
+    work_dir: Optional[str] = None
+    save_steps: int = 500
+    save_total_limit: int = 2
+    logging_steps: int = 1
+    eval_max_new_tokens: int = 128
+    num_workers: int = 0
+    # Fast paths (GPU): "auto" picks the best available and the run prints what it chose.
+    attn_implementation: str = "auto"
+    loss_impl: Literal["auto", "plain", "chunked"] = "auto"
+    use_liger_kernel: Literal["auto", "on", "off"] = "auto"
+    compile: bool = False
+    cpu_offload: bool = False
+
+    # Where the config came from (not a user key).
+    _source: Optional[str] = field(default=None, repr=False)
+
+    def to_dict(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self) if not f.name.startswith("_")}
+
+
+# Names users bring from XTuner-style configs; mapped onto ours so their edits keep working.
+ALIASES = {
+    "pretrained_model_name_or_path": "model",
+    "SYSTEM": "system",
+    "data_path": "datasets",
+    "alpaca_en_path": "datasets",
+    "weight_decay_rate": "weight_decay",
+    "max_grad_norm": "max_norm",
+    "gradient_accumulation_steps": "accumulative_counts",
+    "learning_rate": "lr",
+    "num_train_epochs": "max_epochs",
+}
+
+RANGES = {
+    "max_length": (8, None),
+    "lora_r": (1, None),
+    "lora_alpha": (1, None),
+    "lora_dropout": (0.0, 1.0),
+    "num_proc": (1, 256),
+    "lr": (0.0, 1.0),
+    "weight_decay": (0.0, None),
+    "max_norm": (0.0, None),
+    "warmup_ratio": (0.0, 1.0),
+    "min_lr_ratio": (0.0, 1.0),
+    "max_epochs": (0.0, None),
+    "max_steps": (0, None),
+    "batch_size": (1, None),
+    "accumulative_counts": (1, None),
+    "save_steps": (1, None),
+    "save_total_limit": (0, None),
+    "logging_steps": (1, None),
+    "evaluation_freq": (0, None),
+    "eval_max_new_tokens": (1, None),
+    "max_dataset_samples": (0, None),
+    "num_workers": (0, None),
+}
+
+FIELD_NAMES = [f.name for f in dataclasses.fields(Config) if not f.name.startswith("_")]
+_HINTS = typing.get_type_hints(Config)
+
+
+def nearest_key(key: str) -> str | None:
+    candidates = FIELD_NAMES + list(ALIASES)
+    match = difflib.get_close_matches(key, candidates, n=1, cutoff=0.5)
+    if not match:
+        lowered = {c.lower(): c for c in candidates}
+        match = difflib.get_close_matches(key.lower(), list(lowered), n=1, cutoff=0.5)
+        match = [lowered[m] for m in match]
+    return match[0] if match else None
+
+
+def _type_name(tp) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(repr(a) for a in typing.get_args(tp))
+    if origin is Union:
+        return " or ".join(_type_name(a) for a in typing.get_args(tp))
+    if tp is type(None):
+        return "None"
+    return getattr(tp, "__name__", str(tp))
+
+
+def _check_type(key: str, value: Any, tp, where: str) -> Any:
+    """Return the value (coerced where harmless, e.g. int for a float key) or raise UserError."""
+    origin = typing.get_origin(tp)
+    if origin is Union:
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _check_type(key, value, arg, where)
+            except UserError:
+                pass
+        raise UserError(f"config key '{key}' must be {_type_name(tp)}, got {value!r}", where=where)
+    if origin is Literal:
+        allowed = typing.get_args(tp)
+        if value not in allowed:
+            raise UserError(
+                f"config key '{key}' must be one of {', '.join(repr(a) for a in allowed)}; got {value!r}",
+                where=where,
+            )
+        return value
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise UserError(f"config key '{key}' must be True or False, got {value!r}", where=where)
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise UserError(f"config key '{key}' must be an integer, got {value!r}", where=where)
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UserError(f"config key '{key}' must be a number, got {value!r}", where=where)
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise UserError(f"config key '{key}' must be a string, got {value!r}", where=where)
+        return value
+    if tp is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise UserError(f"config key '{key}' must be a list, got {value!r}", where=where)
+        return value
+    return value
+
+
+def validate(raw: dict, source: str | None = None, lines: dict | None = None) -> Config:
+    """Build a Config from a dict of raw values, checking every key and value."""
+    lines = lines or {}
+    values: dict[str, Any] = {}
+    for key, value in raw.items():
+        where = f"{source}:{lines[key]}" if source and key in lines else source
+        name = ALIASES.get(key, key)
+        if name not in FIELD_NAMES:
+            near = nearest_key(key)
+            hint = f"did you mean '{near}'?" if near else "see `lmtune list-cfg` and docs/config.md for the keys"
+            raise UserError(f"unknown config key '{key}'", where=where, hint=hint)
+        if name == "datasets" and isinstance(value, (str, dict)):
+            value = [value]
+        value = _check_type(name, value, _HINTS[name], where)
+        if name in RANGES and isinstance(value, (int, float)):
+            lo, hi = RANGES[name]
+            if (lo is not None and value < lo) or (hi is not None and value > hi):
+                span = f">= {lo}" if hi is None else f"between {lo} and {hi}"
+                raise UserError(f"config key '{name}' must be {span}, got {value!r}", where=where)
+        values[name] = value
+    cfg = Config(**values)
+    cfg._source = source
+    _check_datasets(cfg, source, lines)
+    return cfg
+
+
+_SOURCE_KEYS = {"path", "format", "repeat", "weight", "name", "split"}
+
+
+def _check_datasets(cfg: Config, source: str | None, lines: dict) -> None:
+    where = f"{source}:{lines['datasets']}" if source and "datasets" in lines else source
+    normal = []
+    for i, entry in enumerate(cfg.datasets):
+        if isinstance(entry, str):
+            entry = {"path": entry}
+        if not isinstance(entry, dict) or "path" not in entry:
+            raise UserError(
+                f"config key 'datasets[{i}]' must be a path or a dict with a 'path'; got {entry!r}", where=where
+            )
+        unknown = set(entry) - _SOURCE_KEYS
+        if unknown:
+            key = sorted(unknown)[0]
+            near = difflib.get_close_matches(key, sorted(_SOURCE_KEYS), n=1)
+            raise UserError(
+                f"unknown key '{key}' in datasets[{i}]",
+                where=where,
+                hint=f"did you mean '{near[0]}'?" if near else f"valid keys: {', '.join(sorted(_SOURCE_KEYS))}",
+            )
+        entry = dict(entry)
+        entry.setdefault("format", cfg.data_format)
+        entry.setdefault("repeat", 1)
+        normal.append(entry)
+    cfg.datasets = normal
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _parse_python_config(path: Path) -> tuple[dict, dict]:
+    """Read top-level assignments of a .py config without importing anything.
+
+    Values must be literals (plus simple arithmetic and references to earlier names),
+    so a config can never run code.
+    """
+    text = path.read_text(encoding="utf-8")
+    try:
+        tree = ast.parse(text, filename=str(path))
+    except SyntaxError as e:
+        raise UserError(f"syntax error in config: {e.msg}", where=f"{path}:{e.lineno}") from None
+    env: dict[str, Any] = {}
+    lines: dict[str, int] = {}
+    for node in tree.body:
+        if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):
+            continue  # docstring
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            raise UserError(
+                "configs are plain values and may not import anything",
+                where=f"{path}:{node.lineno}",
+                hint="replace class references with their names as strings (see `lmtune copy-cfg`)",
+            )
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if len(targets) != 1 or not isinstance(targets[0], ast.Name):
+                raise UserError("only `name = value` assignments are allowed", where=f"{path}:{node.lineno}")
+            name = targets[0].id
+            try:
+                env[name] = _eval_node(node.value, env)
+            except _NotPlain as e:
+                raise UserError(
+                    f"the value of '{name}' is not a plain value ({e})",
+                    where=f"{path}:{node.lineno}",
+                    hint="use strings, numbers, booleans, None, lists and dicts",
+                ) from None
+            lines[name] = node.lineno
+            continue
+        raise UserError(
+            "configs may contain only `name = value` assignments", where=f"{path}:{getattr(node, 'lineno', '?')}"
+        )
+    return env, lines
+
+
+class _NotPlain(Exception):
+    pass
+
+
+def _eval_node(node: ast.AST, env: dict) -> Any:
+    if isinstance(node, ast.Constant):
+        return node.value
+    if isinstance(node, ast.Name):
+        if node.id in env:
+            return env[node.id]
+        if node.id in ("True", "False", "None"):
+            return {"True": True, "False": False, "None": None}[node.id]
+        raise _NotPlain(f"unknown name '{node.id}'")
+    if isinstance(node, (ast.List, ast.Tuple)):
+        return [_eval_node(e, env) for e in node.elts]
+    if isinstance(node, ast.Dict):
+        return {_eval_node(k, env): _eval_node(v, env) for k, v in zip(node.keys, node.values)}
+    if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "dict" and not node.args:
+        return {kw.arg: _eval_node(kw.value, env) for kw in node.keywords}
+    if isinstance(node, ast.UnaryOp) and isinstance(node.op, (ast.USub, ast.UAdd)):
+        v = _eval_node(node.operand, env)
+        return -v if isinstance(node.op, ast.USub) else v
+    if isinstance(node, ast.BinOp) and isinstance(node.op, (ast.Add, ast.Sub, ast.Mult, ast.Div, ast.FloorDiv)):
+        a, b = _eval_node(node.left, env), _eval_node(node.right, env)
+        ops = {ast.Add: lambda: a + b, ast.Sub: lambda: a - b, ast.Mult: lambda: a * b,
+               ast.Div: lambda: a / b, ast.FloorDiv: lambda: a // b}
+        return ops[type(node.op)]()
+    if isinstance(node, ast.JoinedStr):
+        raise _NotPlain("f-strings are not allowed")
+    raise _NotPlain(type(node).__name__)
+
+
+def parse_value(text: str) -> Any:
+    """Parse a command-line override value: Python/YAML-ish literals, else the string itself."""
+    try:
+        return _eval_node(ast.parse(text, mode="eval").body, {})
+    except (SyntaxError, _NotPlain, ValueError):
+        pass
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low in ("none", "null"):
+        return None
+    return text
+
+
+def parse_overrides(items: list[str] | None) -> dict:
+    out: dict[str, Any] = {}
+    for item in items or []:
+        if "=" not in item:
+            raise UserError(f"override '{item}' must look like key=value", where="--cfg-options")
+        key, _, value = item.partition("=")
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def resolve_config_path(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.is_file():
+        return path
+    for suffix in ("", ".py", ".yaml", ".yml"):
+        candidate = BUILTIN_DIR / f"{name_or_path}{suffix}"
+        if candidate.is_file() and candidate.name != "__init__.py":
+            return candidate
+    near = difflib.get_close_matches(name_or_path, list_builtin(), n=3, cutoff=0.4)
+    hint = f"did you mean {', '.join(near)}?" if near else "run `lmtune list-cfg` to see the built-in configs"
+    raise UserError(f"config '{name_or_path}' is neither a file nor a built-in config", hint=hint)
+
+
+def load_raw(name_or_path: str) -> tuple[dict, dict, str]:
+    path = resolve_config_path(name_or_path)
+    if path.suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            raw = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise UserError(f"YAML error in config: {getattr(e, 'problem', e)}", where=where) from None
+        if not isinstance(raw, dict):
+            raise UserError("a YAML config must be a mapping of keys to values", where=str(path))
+        lines = _yaml_key_lines(path)
+    else:
+        raw, lines = _parse_python_config(path)
+        # Lower-case helper names (e.g. `data_root = ...` reused below) are allowed only if they
+        # are keys; underscore-prefixed names are private helpers and dropped.
+        raw = {k: v for k, v in raw.items() if not k.startswith("_")}
+    return raw, lines, str(path)
+
+
+def _yaml_key_lines(path: Path) -> dict:
+    lines = {}
+    for i, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        m = re.match(r"^([A-Za-z_][A-Za-z0-9_]*)\s*:", line)
+        if m:
+            lines[m.group(1)] = i
+    return lines
+
+
+def load_config(name_or_path: str, overrides: dict | None = None) -> Config:
+    raw, lines, source = load_raw(name_or_path)
+    if overrides:
+        for key in overrides:
+            name = ALIASES.get(key, key)
+            if name not in FIELD_NAMES:
+                near = nearest_key(key)
+                raise UserError(
+                    f"unknown config key '{key}'",
+                    where="--cfg-options",
+                    hint=f"did you mean '{near}'?" if near else None,
+                )
+        raw = {**raw, **overrides}
+    cfg = validate(raw, source, lines)
+    # Relative data paths are relative to the config file, unless they exist from the cwd.
+    base = Path(source).parent
+    for entry in cfg.datasets:
+        p = Path(os.path.expanduser(entry["path"]))
+        if not p.is_absolute() and not p.exists() and (base / p).exists():
+            entry["path"] = str(base / p)
+    return cfg
+
+
+def check_paths(cfg: Config) -> None:
+    """Fail early, naming the key, if a data file or local model path does not exist."""
+    where = cfg._source or "config"
+    for i, entry in enumerate(cfg.datasets):
+        if not Path(os.path.expanduser(entry["path"])).exists():
+            raise UserError(
+                f"datasets[{i}] path '{entry['path']}' does not exist",
+                where=where,
+                hint="fix the 'datasets' key, or make the data with `lmtune data self-cognition`",
+            )
+    if not cfg.datasets:
+        raise UserError("no training data: the 'datasets' key is empty", where=where,
+                        hint="set datasets = ['path/to/data.jsonl'] in the config or with --cfg-options")
+    model = os.path.expanduser(cfg.model)
+    looks_local = model.startswith((".", "/", "~")) or model.endswith(".gguf") or os.sep in model.strip("/").split("/", 1)[-1]
+    if looks_local and not Path(model).exists():
+        raise UserError(f"model path '{cfg.model}' does not exist", where=f"{where} (key 'model')",
+                        hint="point 'model' at a Hugging Face folder, a .gguf file, a hub id or 'smollm2-135m-instruct'")
+
+
+# --------------------------------------------------------------------------- list / copy
+
+
+def list_builtin(pattern: str | None = None) -> list[str]:
+    names = sorted(
+        p.stem for p in BUILTIN_DIR.glob("*.py") if p.name != "__init__.py"
+    ) + sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
+    if pattern:
+        rx = re.compile(pattern.replace("*", ".*"), re.IGNORECASE)
+        names = [n for n in names if rx.search(n)]
+    return names
+
+
+def copy_builtin(name: str, dest_dir: str) -> Path:
+    src = resolve_config_path(name)
+    dest = Path(dest_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    target = dest / f"{src.stem}_copy{src.suffix}"
+    tmp = target.with_suffix(target.suffix + ".tmp")
+    shutil.copyfile(src, tmp)
+    os.replace(tmp, target)
+    return target
+
+
+def dump_config(cfg: Config, path: Path) -> None:
+    """Write the resolved config as a .py file of plain assignments (kept with checkpoints)."""
+    lines = ["# Resolved lmtune config (written by lmtune; loadable with `lmtune train`)."]
+    for key, value in cfg.to_dict().items():
+        lines.append(f"{key} = {value!r}")
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

@@ -1,0 +1,1 @@
+"""Data: every format becomes one Conversation type; templates; tokenize, mask, pack."""

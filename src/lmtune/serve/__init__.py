@@ -1,0 +1,1 @@
+"""Talking to a model: chat CLI, web page, OpenAI-compatible API."""

@@ -1,0 +1,1 @@
+"""Training: the loop, objectives, checkpoints, schedules, in-training chat probes."""
