@@ -22,6 +22,7 @@ from typing import Any, Literal, Optional, Union
 from lmtune.errors import UserError
 
 BUILTIN_DIR = Path(__file__).parent / "configs"
+PACKAGED_DATA = Path(__file__).parent / "data"
 
 # One data source: a path string, or {"path": ..., "format": ..., "repeat": ..., "weight": ...}.
 DataSource = Union[str, dict]
@@ -424,9 +425,13 @@ def load_config(name_or_path: str, overrides: dict | None = None) -> Config:
                 )
         raw = {**raw, **overrides}
     cfg = validate(raw, source, lines)
+    # "lmtune:NAME" names a data file shipped with lmtune (e.g. the general replay data).
     # Relative data paths are relative to the config file, unless they exist from the cwd.
     base = Path(source).parent
     for entry in cfg.datasets:
+        if entry["path"].startswith("lmtune:"):
+            entry["path"] = str(PACKAGED_DATA / entry["path"][len("lmtune:"):])
+            continue
         p = Path(os.path.expanduser(entry["path"]))
         if not p.is_absolute() and not p.exists() and (base / p).exists():
             entry["path"] = str(base / p)

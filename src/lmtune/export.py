@@ -1,0 +1,244 @@
+"""Training checkpoint -> Hugging Face folder; LoRA merge.
+
+Every folder is written under a temporary name and renamed into place, so a failed export never
+leaves a half-written folder where a good one was.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+from lmtune.errors import UserError
+
+META_FILE = "lmtune.json"
+
+
+@contextmanager
+def atomic_dir(out: str | Path):
+    """Yield a temporary folder beside `out`; on success it replaces `out` whole."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = out.parent / f".{out.name}.old"
+            if old.exists():
+                shutil.rmtree(old)
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _write_meta(folder: Path, cfg, template) -> None:
+    meta = {
+        "prompt_template": cfg.prompt_template if cfg is not None else "auto",
+        "system": cfg.system if cfg is not None else None,
+        "stop_words": list(template.stop_words) if template is not None else [],
+        "base_model": cfg.model if cfg is not None else None,
+    }
+    (folder / META_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=False), encoding="utf-8")
+
+
+def _generation_config(model, tokenizer, template):
+    from lmtune.models.generation import stop_token_ids
+
+    gen = model.generation_config
+    stops = stop_token_ids(tokenizer, template.stop_words if template is not None else [])
+    if gen is not None and stops:
+        gen.eos_token_id = stops if len(stops) > 1 else stops[0]
+        if gen.pad_token_id is None:
+            gen.pad_token_id = tokenizer.pad_token_id
+    return gen
+
+
+def _base_of(model):
+    return model.get_base_model() if hasattr(model, "get_base_model") else model
+
+
+def save_trained_model(model, tokenizer, cfg, template, out, state_dict=None, max_shard_size="2GB",
+                       dtype=None) -> Path:
+    """Write a ready-to-use folder: the PEFT adapter for LoRA, the full model otherwise; plus the
+    tokenizer (with its chat template), a generation config with the template's stop tokens, and
+    lmtune.json (template, system prompt, stop words)."""
+    out = Path(out)
+    is_peft = hasattr(model, "peft_config")
+    gen = _generation_config(_base_of(model), tokenizer, template)
+    with atomic_dir(out) as tmp:
+        if is_peft:
+            model.save_pretrained(tmp, safe_serialization=True)
+            # Record the base the user named (hub id or path), not a resolved cache folder.
+            base_name = cfg.model if cfg is not None else None
+            if base_name:
+                from lmtune.models.loader import resolve_model_path
+
+                cfg_path = tmp / "adapter_config.json"
+                ac = json.loads(cfg_path.read_text())
+                ac["base_model_name_or_path"] = resolve_model_path(base_name)
+                cfg_path.write_text(json.dumps(ac, indent=2))
+        else:
+            target = model
+            if dtype is not None:
+                target = model.to(dtype)
+            target.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size,
+                                   state_dict=state_dict)
+        tokenizer.save_pretrained(tmp)
+        if gen is not None:
+            gen.save_pretrained(tmp)
+        _write_meta(tmp, cfg, template)
+    return out
+
+
+# --------------------------------------------------------------------------- pth_to_hf
+
+
+def pth_to_hf(config: str | None, checkpoint: str, out: str, fp32: bool = False, max_shard_size: str = "2GB",
+              save_format: str = "native") -> Path:
+    """A training checkpoint (work_dir/iter_N) -> Hugging Face folder (adapter or full model)."""
+    import torch
+    from safetensors.torch import load_file
+
+    from lmtune.config import load_config
+    from lmtune.data.templates import get_template
+    from lmtune.models.loader import load_model, load_tokenizer
+    from lmtune.train.checkpoint import verify_checkpoint
+
+    ck = Path(checkpoint)
+    if ck.is_file() and ck.name == "model.safetensors":
+        ck = ck.parent
+    if not ck.is_dir():
+        raise UserError(f"checkpoint '{checkpoint}' does not exist", hint="give a work_dir/iter_N folder")
+    problem = verify_checkpoint(ck)
+    if problem:
+        raise UserError(f"checkpoint '{checkpoint}' is incomplete: {problem}")
+    cfg = load_config(config if config else str(ck / "config.py"))
+    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    template = get_template(cfg.prompt_template, tokenizer)
+    model = load_model(cfg.model, dtype="float32" if fp32 else "auto", trust_remote_code=cfg.trust_remote_code,
+                       allow_pickle=cfg.allow_pickle)
+    if cfg.method == "lora":
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
+            target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM", bias="none"))
+    weights = load_file(str(ck / "model.safetensors"))
+    params = dict(model.named_parameters())
+    missing = [k for k in weights if k not in params]
+    if missing:
+        raise UserError(f"checkpoint weights do not fit the config's model (e.g. '{missing[0]}')",
+                        hint="pass the config the checkpoint was trained with, or omit CONFIG")
+    with torch.no_grad():
+        for k, v in weights.items():
+            params[k].copy_(v.to(params[k].dtype))
+    if save_format == "internlm2":
+        return _save_internlm2(model, cfg, out, max_shard_size)
+    path = save_trained_model(model, tokenizer, cfg, template, out, max_shard_size=max_shard_size)
+    print(f"[lmtune] wrote {path}")
+    return path
+
+
+def _save_internlm2(model, cfg, out, max_shard_size):
+    from lmtune.models.internlm2 import save_internlm2
+    from lmtune.models.loader import _read_config, resolve_model_path
+
+    if hasattr(model, "merge_and_unload"):
+        model = model.merge_and_unload()
+    src = _read_config(resolve_model_path(cfg.model) if cfg else "")
+    if not src or src.get("model_type") != "internlm2":
+        raise UserError("--save-format internlm2 needs an InternLM2-family base model")
+    save_internlm2(model, out, config_src=src, max_shard_size=max_shard_size)
+    return Path(out)
+
+
+# --------------------------------------------------------------------------- merge
+
+
+def check_adapter_fits(base_model, adapter_dir: Path) -> None:
+    """Compare the adapter's LoRA shapes with the base model's layers; raise a clear error."""
+    from safetensors import safe_open
+
+    files = list(adapter_dir.glob("adapter_model.safetensors"))
+    if not files:
+        if (adapter_dir / "adapter_model.bin").is_file():
+            return  # pickle adapters are checked by peft itself
+        raise UserError(f"'{adapter_dir}' holds no adapter_model.safetensors")
+    modules = dict(base_model.named_modules())
+    with safe_open(str(files[0]), "pt") as f:
+        for key in f.keys():
+            if ".lora_A." not in key and ".lora_B." not in key:
+                continue
+            module_name = key.split(".lora_")[0]
+            for prefix in ("base_model.model.", ""):
+                if module_name.startswith(prefix):
+                    name = module_name[len(prefix):]
+                    if name in modules:
+                        break
+            else:
+                raise UserError(
+                    f"the adapter targets layer '{module_name}', which the base model does not have",
+                    hint="this adapter was trained on a different base model; pass that one as BASE",
+                )
+            layer = modules[name]
+            shape = f.get_slice(key).get_shape()
+            in_f, out_f = getattr(layer, "in_features", None), getattr(layer, "out_features", None)
+            if ".lora_A." in key and in_f is not None and shape[1] != in_f:
+                raise UserError(
+                    f"adapter/base mismatch at '{name}': the adapter expects {shape[1]} input features, "
+                    f"the base layer has {in_f}",
+                    hint="this adapter was trained on a different base model; pass that one as BASE",
+                )
+            if ".lora_B." in key and out_f is not None and shape[0] != out_f:
+                raise UserError(
+                    f"adapter/base mismatch at '{name}': the adapter produces {shape[0]} output features, "
+                    f"the base layer has {out_f}",
+                    hint="this adapter was trained on a different base model; pass that one as BASE",
+                )
+
+
+def merge(base: str, adapter: str, out: str, max_shard_size: str = "2GB", save_format: str = "native",
+          trust_remote_code: bool = False) -> Path:
+    """Merge a LoRA adapter into its base model and save a full model folder (the base's dtype)."""
+    from peft import PeftModel
+
+    from lmtune.models.loader import load_model, load_tokenizer, resolve_model_path
+
+    adapter_dir = Path(resolve_model_path(adapter))
+    if not (adapter_dir / "adapter_config.json").is_file():
+        raise UserError(f"'{adapter}' is not a LoRA adapter folder (no adapter_config.json)")
+    model = load_model(base, dtype="auto", trust_remote_code=trust_remote_code)
+    check_adapter_fits(model, adapter_dir)
+    model = PeftModel.from_pretrained(model, str(adapter_dir))
+    merged = model.merge_and_unload()
+    tok_src = adapter_dir if (adapter_dir / "tokenizer_config.json").is_file() else base
+    tokenizer = load_tokenizer(str(tok_src), trust_remote_code=trust_remote_code)
+    meta = adapter_dir / META_FILE
+    if save_format == "internlm2":
+        from lmtune.models.internlm2 import save_internlm2
+        from lmtune.models.loader import _read_config
+
+        src = _read_config(resolve_model_path(base))
+        if not src or src.get("model_type") != "internlm2":
+            raise UserError("--save-format internlm2 needs an InternLM2-family base model")
+        save_internlm2(merged, out, config_src=src, max_shard_size=max_shard_size)
+        return Path(out)
+    with atomic_dir(out) as tmp:
+        merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
+        tokenizer.save_pretrained(tmp)
+        gen_src = adapter_dir / "generation_config.json"
+        if gen_src.is_file():
+            shutil.copyfile(gen_src, tmp / "generation_config.json")
+        if meta.is_file():
+            shutil.copyfile(meta, tmp / META_FILE)
+    print(f"[lmtune] merged model written to {out}")
+    return Path(out)
