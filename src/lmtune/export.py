@@ -157,7 +157,8 @@ def _save_internlm2(model, cfg, out, max_shard_size):
     src = _read_config(resolve_model_path(cfg.model) if cfg else "")
     if not src or src.get("model_type") != "internlm2":
         raise UserError("--save-format internlm2 needs an InternLM2-family base model")
-    save_internlm2(model, out, config_src=src, max_shard_size=max_shard_size)
+    save_internlm2(model, out, config_src=src, max_shard_size=max_shard_size,
+                   src_dir=resolve_model_path(cfg.model))
     return Path(out)
 
 
@@ -230,7 +231,7 @@ def merge(base: str, adapter: str, out: str, max_shard_size: str = "2GB", save_f
         src = _read_config(resolve_model_path(base))
         if not src or src.get("model_type") != "internlm2":
             raise UserError("--save-format internlm2 needs an InternLM2-family base model")
-        save_internlm2(merged, out, config_src=src, max_shard_size=max_shard_size)
+        save_internlm2(merged, out, config_src=src, max_shard_size=max_shard_size, src_dir=resolve_model_path(base))
         return Path(out)
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)

@@ -158,11 +158,6 @@ def _read_config(folder: str) -> dict | None:
     return None
 
 
-def _is_internlm2(folder: str) -> bool:
-    cfg = _read_config(folder)
-    return bool(cfg) and cfg.get("model_type") == "internlm2"
-
-
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -172,10 +167,12 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
         if not (Path(path) / "tokenizer_config.json").is_file():
             base = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
             return load_tokenizer(base, trust_remote_code)
-    if not trust_remote_code and Path(path).is_dir() and _is_internlm2(path):
-        from lmtune.models.internlm2 import load_internlm2_tokenizer
+    if not trust_remote_code:
+        from lmtune.models.internlm2 import internlm2_folder, load_internlm2_tokenizer
 
-        return load_internlm2_tokenizer(path)
+        il_dir = internlm2_folder(path)
+        if il_dir:
+            return load_internlm2_tokenizer(il_dir)
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -254,10 +251,14 @@ def load_model(
             kwargs["device_map"] = {"": device}
     if attn_implementation and attn_implementation != "auto":
         kwargs["attn_implementation"] = attn_implementation
-    if Path(path).is_dir() and not trust_remote_code and _is_internlm2(path):
-        from lmtune.models.internlm2 import load_internlm2
+    il_dir = None
+    if not trust_remote_code:
+        from lmtune.models.internlm2 import internlm2_folder, load_internlm2
 
-        model = load_internlm2(path, dtype=dt, device_map=kwargs.get("device_map"), quantization_config=qconfig)
+        il_dir = internlm2_folder(path)
+    if il_dir:
+        model = load_internlm2(il_dir, dtype=dt, device_map=kwargs.get("device_map"), quantization_config=qconfig,
+                               allow_pickle=allow_pickle, attn_implementation=kwargs.get("attn_implementation"))
     else:
         try:
             model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
