@@ -47,9 +47,12 @@ def loss_sum(model, batch: dict[str, torch.Tensor], chunk_tokens: int = 4096) ->
     n = int(keep.numel())
     if n == 0:
         # Still run the model so every parameter joins the graph (distributed engines expect it).
-        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], logits_to_keep=1)
+        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], logits_to_keep=1,
+                    use_cache=False)
         return out.logits.sum() * 0.0, 0
-    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], logits_to_keep=keep)
+    # use_cache=False: with a cache transformers ignores the packed-sample boundaries.
+    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], logits_to_keep=keep,
+                use_cache=False)
     logits = out.logits[0]  # (n, vocab)
     targets = target[keep]
     total = logits.new_zeros((), dtype=torch.float32)

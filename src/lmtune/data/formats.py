@@ -1,0 +1,345 @@
+"""Read data files and convert every record into the one `Conversation` type.
+
+Files: .jsonl, .json (a list of records), .parquet, .csv, or a folder of them (read in sorted
+order). Formats (one small converter each, chosen per file; "auto" looks at the first record):
+
+  openai    {"messages": [{"role": "system"|"user"|"assistant", "content": "...", "loss": bool?}]}
+  alpaca    {"instruction": "...", "input": "...", "output": "...", "system": "..."?, "history": [[q, a]]?}
+  sharegpt  {"conversations": [{"from": "human"|"gpt"|"system", "value": "..."}], "system": "..."?}
+  oasst1    {"text": "### Human: ... ### Assistant: ... ### Human: ..."}   (guanaco style)
+  pretrain  {"text": "..."}                                                 (every token trains)
+
+Every problem is a `UserError` whose `where` is "file:line" (for parquet "file:row N").
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import re
+from pathlib import Path
+from typing import Callable, Iterator, Optional
+
+from lmtune.data.conversation import ROLES, Conversation, Message
+from lmtune.errors import UserError
+
+FORMATS = ("openai", "alpaca", "sharegpt", "oasst1", "pretrain")
+EXTENSIONS = (".jsonl", ".json", ".parquet", ".csv")
+
+_UTF8_HINT = "save the file as UTF-8 (e.g. `iconv -f GBK -t UTF-8 in.jsonl > out.jsonl`)"
+
+
+# --------------------------------------------------------------------------- files → records
+
+
+def list_files(path: str | os.PathLike) -> list[Path]:
+    """The data files under `path` (a file, or a folder searched recursively)."""
+    p = Path(os.path.expanduser(str(path)))
+    if not p.exists():
+        raise UserError(f"data path '{path}' does not exist", hint="check the 'datasets' key of the config")
+    if p.is_file():
+        if p.suffix.lower() not in EXTENSIONS:
+            raise UserError(
+                f"unsupported data file type '{p.suffix}'", where=str(p),
+                hint=f"use one of {', '.join(EXTENSIONS)}",
+            )
+        return [p]
+    files = sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in EXTENSIONS)
+    if not files:
+        raise UserError(f"folder '{path}' holds no data files", hint=f"expected files ending in {', '.join(EXTENSIONS)}")
+    return files
+
+
+def _decode(data: bytes, path: Path) -> str:
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = data.count(b"\n", 0, e.start) + 1
+        raise UserError(
+            f"the file is not valid UTF-8 (byte 0x{data[e.start]:02x} at byte offset {e.start})",
+            where=f"{path}:{line}", hint=_UTF8_HINT,
+        ) from None
+    return text[1:] if text.startswith("\ufeff") else text
+
+
+def _json_error(e: json.JSONDecodeError) -> str:
+    return f"malformed JSON: {e.msg} (column {e.colno})"
+
+
+def read_records(path: Path) -> Iterator[tuple[dict, str]]:
+    """Yield (record, "file:line") for every record of one file."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        yield from _read_parquet(path)
+        return
+    text = _decode(path.read_bytes(), path)
+    if suffix == ".csv":
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        for row in reader:
+            yield dict(row), f"{path}:{reader.line_num}"
+        return
+    if suffix == ".json" and text.lstrip().startswith("["):
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise UserError(_json_error(e), where=f"{path}:{e.lineno}") from None
+        # Line numbers of each top-level record, so later errors can point into the file (a scan in
+        # Python: for very large files records are named by index instead).
+        starts = _top_level_object_lines(text) if len(text) < 20_000_000 else []
+        for i, rec in enumerate(data):
+            where = f"{path}:{starts[i]}" if i < len(starts) else f"{path}:[{i}]"
+            if not isinstance(rec, dict):
+                raise UserError(f"record {i} is a {type(rec).__name__}, expected a JSON object", where=where)
+            yield rec, where
+        return
+    # .jsonl (and a .json file that holds one object per line)
+    # split on \n only: str.splitlines() would also split inside strings at U+2028 and friends
+    for lineno, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UserError(_json_error(e), where=f"{path}:{lineno}",
+                            hint="each line of a .jsonl file must be one complete JSON object") from None
+        if not isinstance(rec, dict):
+            raise UserError(f"expected a JSON object, got a {type(rec).__name__}", where=f"{path}:{lineno}")
+        yield rec, f"{path}:{lineno}"
+
+
+def _top_level_object_lines(text: str) -> list[int]:
+    """Line number where each element of a top-level JSON array starts (a cheap scan)."""
+    lines, depth, line, in_str, esc = [], 0, 1, False, False
+    for ch in text:
+        if ch == "\n":
+            line += 1
+        if in_str:
+            if esc:
+                esc = False
+            elif ch == "\\":
+                esc = True
+            elif ch == '"':
+                in_str = False
+            continue
+        if ch == '"':
+            in_str = True
+            if depth == 1:
+                lines.append(line)
+        elif ch in "[{":
+            if depth == 1:
+                lines.append(line)
+            depth += 1
+        elif ch in "]}":
+            depth -= 1
+    return lines
+
+
+def _read_parquet(path: Path) -> Iterator[tuple[dict, str]]:
+    import pyarrow.parquet as pq
+
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # pyarrow raises several types for broken files
+        raise UserError(f"cannot read parquet file: {e}", where=str(path)) from None
+    for i, rec in enumerate(table.to_pylist()):
+        yield rec, f"{path}:row {i + 1}"
+
+
+# --------------------------------------------------------------------------- converters
+
+
+def _text(rec: dict, key: str, where: str, required: bool = True) -> Optional[str]:
+    value = rec.get(key)
+    if value is None:
+        if required:
+            raise UserError(f"missing required field '{key}'", where=where,
+                            hint=f"the record has fields: {', '.join(rec) or '(none)'}")
+        return None
+    if isinstance(value, list) and all(isinstance(p, dict) for p in value):
+        # OpenAI content parts: [{"type": "text", "text": "..."}]
+        value = "".join(p.get("text", "") for p in value if p.get("type", "text") == "text")
+    if not isinstance(value, str):
+        raise UserError(f"field '{key}' must be a string, got {type(value).__name__}", where=where)
+    return value
+
+
+def _finish(messages: list[Message], where: str) -> Conversation:
+    if not messages:
+        raise UserError("the conversation has no messages", where=where)
+    for i, m in enumerate(messages):
+        if m.role == "system" and i != 0:
+            raise UserError(f"message {i} is a system message; only the first message may be one", where=where)
+        if m.role == "assistant" and not m.content.strip():
+            raise UserError(f"message {i} is an empty assistant reply", where=where,
+                            hint="remove the record or write the reply")
+    if not any(m.trains() for m in messages):
+        raise UserError("the conversation has no assistant reply to train on", where=where)
+    return Conversation(messages=messages, source=where)
+
+
+def from_openai(rec: dict, where: str) -> Conversation:
+    msgs = rec.get("messages")
+    if msgs is None:
+        raise UserError("missing required field 'messages'", where=where)
+    if not isinstance(msgs, list):
+        raise UserError(f"field 'messages' must be a list, got {type(msgs).__name__}", where=where)
+    out = []
+    for i, m in enumerate(msgs):
+        if not isinstance(m, dict):
+            raise UserError(f"messages[{i}] must be an object with 'role' and 'content'", where=where)
+        role = m.get("role")
+        if role is None:
+            raise UserError(f"missing required field 'messages[{i}].role'", where=where)
+        if role not in ROLES:
+            raise UserError(f"unknown role {role!r} in messages[{i}].role", where=where,
+                            hint=f"roles must be one of {', '.join(ROLES)}")
+        content = _text(m, "content", f"{where} (messages[{i}])")
+        loss = m.get("loss")
+        if loss is not None and not isinstance(loss, bool):
+            raise UserError(f"messages[{i}].loss must be true or false, got {loss!r}", where=where)
+        out.append(Message(role, content, loss))
+    return _finish(out, where)
+
+
+def from_alpaca(rec: dict, where: str) -> Conversation:
+    instruction = _text(rec, "instruction", where)
+    output = _text(rec, "output", where)
+    extra = _text(rec, "input", where, required=False) or ""
+    system = _text(rec, "system", where, required=False)
+    msgs = [Message("system", system)] if system else []
+    for i, pair in enumerate(rec.get("history") or []):
+        if not (isinstance(pair, (list, tuple)) and len(pair) == 2 and all(isinstance(x, str) for x in pair)):
+            raise UserError(f"history[{i}] must be a [question, answer] pair of strings", where=where)
+        msgs += [Message("user", pair[0]), Message("assistant", pair[1])]
+    prompt = f"{instruction}\n{extra}" if extra.strip() else instruction
+    msgs += [Message("user", prompt), Message("assistant", output)]
+    return _finish(msgs, where)
+
+
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                   "system": "system"}
+
+
+def from_sharegpt(rec: dict, where: str) -> Conversation:
+    turns = rec.get("conversations")
+    if turns is None:
+        raise UserError("missing required field 'conversations'", where=where)
+    if not isinstance(turns, list):
+        raise UserError(f"field 'conversations' must be a list, got {type(turns).__name__}", where=where)
+    system = _text(rec, "system", where, required=False)
+    msgs = [Message("system", system)] if system else []
+    for i, t in enumerate(turns):
+        if not isinstance(t, dict):
+            raise UserError(f"conversations[{i}] must be an object with 'from' and 'value'", where=where)
+        who = t.get("from")
+        if who is None:
+            raise UserError(f"missing required field 'conversations[{i}].from'", where=where)
+        if who not in _SHAREGPT_ROLES:
+            raise UserError(f"unknown role {who!r} in conversations[{i}].from", where=where,
+                            hint="'from' must be one of human, gpt, system")
+        msgs.append(Message(_SHAREGPT_ROLES[who], _text(t, "value", f"{where} (conversations[{i}])")))
+    return _finish(msgs, where)
+
+
+_OASST_SPLIT = re.compile(r"###\s*(Human|Assistant)\s*:")
+
+
+def from_oasst1(rec: dict, where: str) -> Conversation:
+    text = _text(rec, "text", where)
+    parts = _OASST_SPLIT.split(text)
+    if parts[0].strip():
+        raise UserError("text must start with '### Human:'", where=where)
+    msgs = []
+    for who, content in zip(parts[1::2], parts[2::2]):
+        role = "user" if who == "Human" else "assistant"
+        if msgs and msgs[-1].role == role:
+            raise UserError(f"two '### {who}:' turns in a row", where=where)
+        msgs.append(Message(role, content.strip()))
+    if not msgs or msgs[0].role != "user":
+        raise UserError("text must contain '### Human: …' followed by '### Assistant: …'", where=where)
+    return _finish(msgs, where)
+
+
+def from_pretrain(rec: dict, where: str) -> Conversation:
+    text = _text(rec, "text", where)
+    if not text.strip():
+        raise UserError("field 'text' is empty", where=where)
+    return Conversation(text=text, source=where)
+
+
+CONVERTERS: dict[str, Callable[[dict, str], Conversation]] = {
+    "openai": from_openai,
+    "alpaca": from_alpaca,
+    "sharegpt": from_sharegpt,
+    "oasst1": from_oasst1,
+    "pretrain": from_pretrain,
+}
+
+
+def detect_format(rec: dict, where: str) -> str:
+    if "messages" in rec:
+        return "openai"
+    if "conversations" in rec:
+        return "sharegpt"
+    if "instruction" in rec and "output" in rec:
+        return "alpaca"
+    if isinstance(rec.get("text"), str):
+        return "oasst1" if _OASST_SPLIT.search(rec["text"]) else "pretrain"
+    raise UserError(
+        f"cannot tell the data format from the fields ({', '.join(rec) or 'none'})", where=where,
+        hint="expected 'messages' (openai), 'conversations' (sharegpt), 'instruction'+'output' (alpaca) or "
+             "'text' (oasst1 / pretrain); or set format= for this dataset",
+    )
+
+
+def check_format(format: str, where: str | None = None) -> str:
+    if format != "auto" and format not in CONVERTERS:
+        raise UserError(f"unknown data format '{format}'", where=where,
+                        hint=f"use one of auto, {', '.join(FORMATS)}")
+    return format
+
+
+# --------------------------------------------------------------------------- the entry point
+
+
+def iter_conversations(path, format: str = "auto", errors: Optional[list] = None) -> Iterator[Conversation]:
+    """Yield the conversations of a file or folder.
+
+    With `errors` (a list), a bad record is appended there as a UserError and skipped instead of
+    raised (used by `lmtune data check` to report every problem at once).
+    """
+    check_format(format)
+    for file in list_files(path):
+        fmt = None if format == "auto" else format
+        records = read_records(file)
+        while True:
+            try:
+                rec, where = next(records)
+            except StopIteration:
+                break
+            except UserError as e:
+                # A file-level problem (bad bytes, bad JSON) ends that file.
+                if errors is None:
+                    raise
+                errors.append(e)
+                break
+            try:
+                if fmt is None:
+                    fmt = detect_format(rec, where)
+                yield CONVERTERS[fmt](rec, where)
+            except UserError as e:
+                if errors is None:
+                    raise
+                errors.append(e)
+
+
+def read_conversations(path, format: str = "auto", errors: Optional[list] = None) -> list[Conversation]:
+    """All conversations of a file or folder; an empty result is an error naming the path."""
+    n_errors = len(errors) if errors is not None else 0
+    convs = list(iter_conversations(path, format, errors))
+    if not convs and (errors is None or len(errors) == n_errors):
+        raise UserError(f"the dataset '{path}' holds no records", where=str(path),
+                        hint="check the file; an empty file or a folder of empty files trains nothing")
+    return convs

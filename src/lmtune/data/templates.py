@@ -1,0 +1,336 @@
+"""Chat templates: the one place that turns messages into text.
+
+A template renders a conversation as a list of `Segment`s (text pieces that say whether they
+carry loss); `render()` is simply their concatenation, so the text a model is trained on and the
+text the label mask is computed from are the same string by construction.
+
+Two kinds:
+  * named templates (chatml, llama3_chat, ...): written here as a few format strings each. They add
+    no system block unless the conversation has a system message (the dataset builder injects the
+    config's `system` when it is set).
+  * "auto": the tokenizer's own Jinja chat template through `tokenizer.apply_chat_template`, so our
+    text equals the tokenizer's exactly (including e.g. SmolLM2's default system prompt). Segments
+    are found by rendering the conversation prefix by prefix.
+
+An assistant message becomes four segments: "prompt" (its header, e.g. "<|im_start|>assistant\\n",
+no loss), "content" (the reply), "eot" (the end-of-turn marker, e.g. "<|im_end|>", plus EOS where the
+template puts one: trained with the reply, so the model learns to stop) and "sep" (whatever follows,
+e.g. "\\n": no loss).
+"""
+
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+from typing import Iterable, Optional, Union
+
+from lmtune.data.conversation import Message
+from lmtune.errors import UserError
+
+
+@dataclass(frozen=True)
+class Segment:
+    text: str
+    trains: bool
+    kind: str  # "prompt" | "content" | "eot" | "sep"
+    message: int = -1  # index of the message it belongs to (-1: bos / generation prompt)
+
+
+MessageLike = Union[Message, dict]
+
+
+def as_messages(messages: Iterable[MessageLike]) -> list[Message]:
+    out = []
+    for m in messages:
+        if isinstance(m, Message):
+            out.append(m)
+        else:
+            out.append(Message(m["role"], m["content"], m.get("loss")))
+    return out
+
+
+class ChatTemplate:
+    name: str
+    stop_words: list[str]
+
+    def segments(self, messages: Iterable[MessageLike], add_generation_prompt: bool = False) -> list[Segment]:
+        raise NotImplementedError
+
+    def render(self, messages: Iterable[MessageLike], add_generation_prompt: bool = False) -> str:
+        return "".join(s.text for s in self.segments(messages, add_generation_prompt))
+
+    def __repr__(self) -> str:
+        return f"<ChatTemplate {self.name}>"
+
+
+# --------------------------------------------------------------------------- named templates
+
+
+@dataclass(frozen=True)
+class NamedSpec:
+    user: str  # format with {content}
+    assistant_prefix: str
+    eot: str  # trained with the reply; "{eos}" is the tokenizer's EOS token
+    sep: str = ""
+    bos: str = ""
+    system: Optional[str] = None  # format with {content}; None: merged into the first user message
+    system_merge: str = "{system}\n\n{content}"
+    generation_prompt: Optional[str] = None  # default: assistant_prefix
+    stop_words: tuple = ()
+
+
+_CHATML = dict(
+    system="<|im_start|>system\n{content}<|im_end|>\n",
+    user="<|im_start|>user\n{content}<|im_end|>\n",
+    assistant_prefix="<|im_start|>assistant\n",
+    eot="<|im_end|>",
+    sep="\n",
+    stop_words=("<|im_end|>",),
+)
+
+NAMED: dict[str, NamedSpec] = {
+    # Qwen, SmolLM2 and other ChatML models.
+    "chatml": NamedSpec(**_CHATML),
+    # InternLM2-chat: ChatML behind a "<s>" BOS, exactly as the checkpoint's own template.
+    "internlm2_chat": NamedSpec(bos="<s>", **_CHATML),
+    "llama3_chat": NamedSpec(
+        bos="<|begin_of_text|>",
+        system="<|start_header_id|>system<|end_header_id|>\n\n{content}<|eot_id|>",
+        user="<|start_header_id|>user<|end_header_id|>\n\n{content}<|eot_id|>",
+        assistant_prefix="<|start_header_id|>assistant<|end_header_id|>\n\n",
+        eot="<|eot_id|>",
+        stop_words=("<|eot_id|>", "<|end_of_text|>"),
+    ),
+    "llama2_chat": NamedSpec(
+        user="<s>[INST] {content} [/INST]",
+        system_merge="<<SYS>>\n{system}\n<</SYS>>\n\n{content}",
+        assistant_prefix=" ",
+        eot=" </s>",
+        stop_words=("</s>",),
+    ),
+    "mistral": NamedSpec(
+        bos="<s>",
+        user="[INST] {content} [/INST]",
+        assistant_prefix="",
+        eot="</s>",
+        stop_words=("</s>",),
+    ),
+    "gemma": NamedSpec(
+        bos="<bos>",
+        user="<start_of_turn>user\n{content}<end_of_turn>\n",
+        assistant_prefix="<start_of_turn>model\n",
+        eot="<end_of_turn>",
+        sep="\n",
+        stop_words=("<end_of_turn>",),
+    ),
+    "phi3_chat": NamedSpec(
+        system="<|system|>\n{content}<|end|>\n",
+        user="<|user|>\n{content}<|end|>\n",
+        assistant_prefix="<|assistant|>\n",
+        eot="<|end|>",
+        sep="\n",
+        stop_words=("<|end|>", "<|endoftext|>"),
+    ),
+    # deepseek-llm-chat
+    "deepseek": NamedSpec(
+        bos="<｜begin▁of▁sentence｜>",
+        system="{content}\n\n",
+        user="User: {content}\n\n",
+        assistant_prefix="Assistant: ",
+        generation_prompt="Assistant:",
+        eot="<｜end▁of▁sentence｜>",
+        stop_words=("<｜end▁of▁sentence｜>",),
+    ),
+    # A plain template for base models without one; ends each reply with the tokenizer's EOS.
+    "default": NamedSpec(
+        system="{content}\n\n",
+        user="User: {content}\n",
+        assistant_prefix="Assistant: ",
+        eot="{eos}",
+        sep="\n",
+        stop_words=("{eos}",),
+    ),
+}
+
+TEMPLATE_NAMES: tuple[str, ...] = ("auto",) + tuple(NAMED)
+
+
+class NamedTemplate(ChatTemplate):
+    def __init__(self, name: str, spec: NamedSpec, tokenizer=None):
+        self.name = name
+        self.spec = spec
+        eos = getattr(tokenizer, "eos_token", None) or "</s>"
+        self._eos = eos
+        self.stop_words = list(dict.fromkeys(w.replace("{eos}", eos) for w in spec.stop_words))
+
+    def segments(self, messages, add_generation_prompt=False):
+        msgs = as_messages(messages)
+        spec = self.spec
+        segs = [Segment(spec.bos, False, "prompt")] if spec.bos else []
+        pending_system = None  # system text waiting to be merged into the first user message
+        for i, m in enumerate(msgs):
+            if m.role == "system":
+                if spec.system is None:
+                    pending_system = m.content
+                else:
+                    segs.append(Segment(spec.system.format(content=m.content), m.trains(), "prompt", i))
+            elif m.role == "user":
+                content = m.content
+                if pending_system is not None:
+                    content = spec.system_merge.format(system=pending_system, content=content)
+                    pending_system = None
+                segs.append(Segment(spec.user.format(content=content), m.trains(), "prompt", i))
+            elif m.role == "assistant":
+                if pending_system is not None:  # a system message with no user message after it
+                    segs.append(Segment(spec.user.format(content=pending_system), False, "prompt", 0))
+                    pending_system = None
+                t = m.trains()
+                if spec.assistant_prefix:
+                    segs.append(Segment(spec.assistant_prefix, False, "prompt", i))
+                segs.append(Segment(m.content, t, "content", i))
+                segs.append(Segment(spec.eot.replace("{eos}", self._eos), t, "eot", i))
+                if spec.sep:
+                    segs.append(Segment(spec.sep, False, "sep", i))
+            else:
+                raise UserError(f"unknown role {m.role!r}; roles are system, user, assistant")
+        if pending_system is not None:
+            segs.append(Segment(spec.user.format(content=pending_system), False, "prompt", 0))
+        if add_generation_prompt:
+            gp = spec.assistant_prefix if spec.generation_prompt is None else spec.generation_prompt
+            segs.append(Segment(gp, False, "prompt"))
+        return [s for s in segs if s.text]
+
+
+# --------------------------------------------------------------------------- the tokenizer's own
+
+
+def _common_prefix_len(a: str, b: str) -> int:
+    n = min(len(a), len(b))
+    if a[:n] == b[:n]:
+        return n
+    lo, hi = 0, n  # binary search for the first difference
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        if a[:mid] == b[:mid]:
+            lo = mid
+        else:
+            hi = mid - 1
+    return lo
+
+
+class TokenizerTemplate(ChatTemplate):
+    """The tokenizer's Jinja chat template ("auto")."""
+
+    def __init__(self, tokenizer):
+        self.name = "auto"
+        self.tokenizer = tokenizer
+        special = set(getattr(tokenizer, "all_special_tokens", []) or [])
+        for tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
+            if getattr(tok, "special", False):
+                special.add(tok.content)
+        self._special = sorted((s for s in special if s), key=len, reverse=True)
+        words = []
+        probe = [Message("user", "Hi"), Message("assistant", "Hello")]
+        try:
+            for s in self.segments(probe):
+                if s.kind == "eot":
+                    words += [w for w in self._special if w in s.text]
+        except UserError:
+            pass
+        eos = getattr(tokenizer, "eos_token", None)
+        if eos:
+            words.append(eos)
+        self.stop_words = list(dict.fromkeys(words))
+
+    def _apply(self, msgs: list[Message], add_generation_prompt: bool) -> str:
+        return self.tokenizer.apply_chat_template(
+            [{"role": m.role, "content": m.content} for m in msgs],
+            tokenize=False, add_generation_prompt=add_generation_prompt,
+        )
+
+    def render(self, messages, add_generation_prompt=False):
+        return self._apply(as_messages(messages), add_generation_prompt)
+
+    def _eot_end(self, text: str, start: int, end: int) -> int:
+        """End of the trained end-of-turn part of text[start:end]: through its last special token."""
+        suffix = text[start:end]
+        last = -1
+        for w in self._special:
+            k = suffix.rfind(w)
+            if k >= 0:
+                last = max(last, k + len(w))
+        return start + last if last >= 0 else end
+
+    def segments(self, messages, add_generation_prompt=False):
+        msgs = as_messages(messages)
+        full = self._apply(msgs, add_generation_prompt)
+        segs: list[Segment] = []
+        pos = 0
+
+        def cut(text: str) -> int:
+            return _common_prefix_len(text, full)
+
+        def broken(i: int) -> UserError:
+            return UserError(
+                f"the tokenizer's chat template does not render message {i} as a continuation of the "
+                "messages before it, so the loss mask cannot be derived from it",
+                hint=f"set prompt_template to a named template ({', '.join(NAMED)})",
+            )
+
+        # Only trained messages need their boundaries found; untrained text between them is one
+        # "prompt" segment. The last reply's end is the end of `full` and needs no extra render.
+        last = len(msgs) - 1
+        for i, m in enumerate(msgs):
+            if not m.trains():
+                continue
+            if m.role != "assistant":  # a message with loss=True: train its whole block
+                start = cut(self._apply(msgs[:i], False)) if i else 0
+                end = cut(self._apply(msgs[: i + 1], False))
+                if start < pos or end < start:
+                    raise broken(i)
+                segs += [Segment(full[pos:start], False, "prompt", i), Segment(full[start:end], True, "prompt", i)]
+                pos = end
+                continue
+            try:
+                head = cut(self._apply(msgs[:i], True)) if i else pos
+            except Exception:  # some templates cannot render an empty list
+                head = pos
+            end = len(full) if i == last and not add_generation_prompt else cut(self._apply(msgs[: i + 1], False))
+            if head < pos or end < head:
+                raise broken(i)
+            body = m.content.strip()
+            k = full.find(body, head, end) if body else -1
+            if k < 0:
+                raise broken(i)
+            content_end = k + len(body)
+            eot_end = self._eot_end(full, content_end, end)
+            segs += [
+                Segment(full[pos:k], False, "prompt", i),
+                Segment(full[k:content_end], True, "content", i),
+                Segment(full[content_end:eot_end], True, "eot", i),
+                Segment(full[eot_end:end], False, "sep", i),
+            ]
+            pos = end
+        segs.append(Segment(full[pos:], False, "prompt"))
+        return [s for s in segs if s.text]
+
+
+# --------------------------------------------------------------------------- lookup
+
+
+def get_template(name: str, tokenizer=None) -> ChatTemplate:
+    """A template by name; "auto" uses `tokenizer`'s own chat template."""
+    if name == "auto":
+        if tokenizer is None:
+            raise UserError("prompt_template 'auto' needs a tokenizer (it uses the tokenizer's own chat template)")
+        if not getattr(tokenizer, "chat_template", None):
+            raise UserError(
+                "the tokenizer has no chat template, so prompt_template 'auto' cannot be used",
+                hint=f"set prompt_template to one of: {', '.join(NAMED)}",
+            )
+        return TokenizerTemplate(tokenizer)
+    if name in NAMED:
+        return NamedTemplate(name, NAMED[name], tokenizer)
+    near = difflib.get_close_matches(name, TEMPLATE_NAMES, n=1)
+    hint = (f"did you mean '{near[0]}'? " if near else "") + f"valid names: {', '.join(TEMPLATE_NAMES)}"
+    raise UserError(f"unknown prompt template '{name}'", where="prompt_template", hint=hint)
