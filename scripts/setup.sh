@@ -14,6 +14,11 @@ if [[ "${1:-}" == "--test" ]]; then
     extras="serve,test"
 fi
 $PY -m pip install --quiet -e ".[${extras}]"
+if [[ "${1:-}" == "--test" ]]; then
+    # The optional engines the tests exercise on CPU: 4/8-bit (bitsandbytes) and DeepSpeed ZeRO.
+    $PY -m pip install --quiet "bitsandbytes==0.50.2"
+    DS_BUILD_OPS=0 $PY -m pip install --quiet "deepspeed==0.19.8"
+fi
 if [[ "${1:-}" == "--test" ]] && ! command -v chromium >/dev/null 2>&1; then
     if command -v apt-get >/dev/null 2>&1 && [[ $(id -u) == 0 ]]; then
         (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null) \

@@ -76,7 +76,8 @@ def save_trained_model(model, tokenizer, cfg, template, out, state_dict=None, ma
     gen = _generation_config(_base_of(model), tokenizer, template)
     with atomic_dir(out) as tmp:
         if is_peft:
-            model.save_pretrained(tmp, safe_serialization=True)
+            # state_dict: the adapter weights gathered by a sharded engine (None: read from the model)
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
             # Record the base the user named (hub id or path), not a resolved cache folder.
             base_name = cfg.model if cfg is not None else None
             if base_name:
@@ -132,8 +133,13 @@ def pth_to_hf(config: str | None, checkpoint: str, out: str, fp32: bool = False,
         model = get_peft_model(model, LoraConfig(
             r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
             target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM", bias="none"))
-    weights = load_file(str(ck / "model.safetensors"))
     params = dict(model.named_parameters())
+    if (ck / "shards.json").is_file():  # written in parts by FSDP2 / DeepSpeed: put them together
+        from lmtune.train.distributed_engines import load_sharded_weights
+
+        weights = load_sharded_weights(ck, params)
+    else:
+        weights = load_file(str(ck / "model.safetensors"))
     missing = [k for k in weights if k not in params]
     if missing:
         raise UserError(f"checkpoint weights do not fit the config's model (e.g. '{missing[0]}')",

@@ -16,6 +16,9 @@ class SingleProcess:
     rank = 0
     world_size = 1
     is_main = True
+    # True: every process saves and loads its own part of the weights and optimizer state
+    # (save_shards / load_shards) instead of the main process writing the whole of them.
+    sharded = False
 
     def device(self, preferred: torch.device) -> torch.device:
         return preferred
@@ -76,3 +79,11 @@ class SingleProcess:
 
     def full_state_dict_for_export(self, model):
         return None  # the model in memory is already whole
+
+    def save_shards(self, model, optimizer, folder) -> None:
+        """Sharded engines: write this process's part into `folder` (every process calls it)."""
+        raise NotImplementedError
+
+    def load_shards(self, model, optimizer, folder) -> None:
+        """Sharded engines: read this process's part back from a checkpoint folder."""
+        raise NotImplementedError

@@ -29,7 +29,8 @@ def train_command(args) -> int:
 
         return relaunch_with_torchrun(nproc)
     dist = None
-    if "LOCAL_RANK" in os.environ or cfg.strategy not in ("auto", "single"):
+    launched = "LOCAL_RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1
+    if launched or cfg.strategy not in ("auto", "single"):
         try:
             from lmtune.train.distributed_engines import make_engine
         except ImportError as e:

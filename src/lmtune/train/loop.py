@@ -15,6 +15,7 @@ import json
 import math
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -25,7 +26,7 @@ import torch
 from lmtune.config import Config, check_paths, dump_config
 from lmtune.errors import UserError
 from lmtune.train import checkpoint as ckpt
-from lmtune.train.objectives import count_loss_tokens, flat_batch, loss_sum
+from lmtune.train.objectives import count_loss_tokens, flat_batch, loss_sum, to_device
 from lmtune.train.schedule import make_scheduler
 
 
@@ -136,17 +137,10 @@ class Trainer:
             attn_implementation=None if cfg.attn_implementation == "auto" else cfg.attn_implementation,
         )
         model.config.use_cache = False
-        if cfg.gradient_checkpointing:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            if cfg.method == "lora":
-                model.enable_input_require_grads()
-        if cfg.quantization != "none":
-            from peft import prepare_model_for_kbit_training
+        # Attention, fused kernels, checkpointing and QLoRA preparation; prints what it chose and why.
+        from lmtune.train import fast_path
 
-            model = prepare_model_for_kbit_training(
-                model, use_gradient_checkpointing=cfg.gradient_checkpointing,
-                gradient_checkpointing_kwargs={"use_reentrant": False},
-            )
+        fast = fast_path.setup_base_model(model, cfg, self.device, self.amp_dtype)
         if cfg.method == "lora":
             from peft import LoraConfig, get_peft_model
 
@@ -163,6 +157,8 @@ class Trainer:
                             hint="use method = 'lora' with quantization (QLoRA), or quantization = 'none'")
         if cfg.quantization == "none":
             model.to(self.device)
+        self.fast = fast_path.finish(fast, model, cfg, self.device)
+        self.fast.report(self.dist.log)
         self.model = model  # the unwrapped model (peft or plain): what we save
         self.train_model = self.dist.wrap(model, cfg)  # what we call forward/backward on
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -215,7 +211,7 @@ class Trainer:
     def train(self) -> Path | None:
         cfg = self.cfg
         self._open_logs()
-        if self.dist.is_main and cfg.evaluation_inputs and self.state.step == 0:
+        if cfg.evaluation_inputs and self.state.step == 0:
             self._probe()
         bar = self._progress()
         t_start, tokens_at_start = time.time(), self.state.tokens_seen
@@ -264,10 +260,10 @@ class Trainer:
         denom = max(1, self._step_loss_tokens)
         total = torch.zeros((), device=self.device)
         for i, rows in enumerate(micro_batches):
-            batch = {k: v.to(self.device) for k, v in flat_batch(rows).items()}
+            batch = to_device(flat_batch(rows), self.device)
             with self.dist.no_sync(model, last=i == len(micro_batches) - 1):
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                    s, _ = loss_sum(model, batch)
+                    s, _ = loss_sum(model, batch, fast=self.fast)
                 # Scale so the gradient is that of the mean over the whole global step; the
                 # engines average gradients over processes, hence × world_size.
                 self.dist.backward(s * (self.dist.world_size / denom), model)
@@ -281,20 +277,27 @@ class Trainer:
     # ------------------------------------------------------------------ probes and logs
     def _probe(self) -> None:
         from lmtune.models.generation import greedy_reply
+        from lmtune.models.quant import trainable_layout
 
         model = self.model
         was_training = model.training
         model.eval()
         model.config.use_cache = True
         answers = []
-        for q in self.cfg.evaluation_inputs:
-            with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                text, stopped = greedy_reply(model, self.tokenizer, self.template, q, self.cfg.system,
-                                             self.cfg.eval_max_new_tokens)
-            answers.append({"question": q, "answer": text, "stopped": stopped})
+        # Every process generates (sharded engines gather weights collectively); only the main one
+        # prints. trainable_layout: generating must not leave 4-bit layers in bitsandbytes' CPU
+        # inference layout, in which LoRA gradients are silently wrong (see models/quant.py).
+        with trainable_layout(model):
+            for q in self.cfg.evaluation_inputs:
+                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
+                    text, stopped = greedy_reply(model, self.tokenizer, self.template, q, self.cfg.system,
+                                                 self.cfg.eval_max_new_tokens)
+                answers.append({"question": q, "answer": text, "stopped": stopped})
         model.config.use_cache = False
         if was_training:
             model.train()
+        if not self.dist.is_main:
+            return
         print(f"\n[lmtune] step {self.state.step}: answers to evaluation_inputs", file=sys.stderr)
         for a in answers:
             print(f"  Q: {a['question']}\n  A: {a['answer']}", file=sys.stderr)
@@ -375,26 +378,47 @@ class Trainer:
         """Write iter_N atomically (every process takes part; the main process writes)."""
         from safetensors.torch import save_file
 
-        weights = self.trainable_state_dict()
-        optim_state = self.dist.optimizer_state_dict(self.model, self.optimizer)
+        st = self.state
+        stage = None
+        if self.dist.sharded:
+            # Every process writes its part into a staging folder; once all have (barrier), the
+            # main process moves the parts into iter_N with the rest, then writes the manifest.
+            stage = self.work_dir / f".iter_{st.step}.shards"
+            if self.dist.is_main:
+                shutil.rmtree(stage, ignore_errors=True)
+                stage.mkdir(parents=True)
+            self.dist.barrier()
+            self.dist.save_shards(self.train_model, self.optimizer, stage)
+            self.dist.barrier()
+        else:
+            weights = self.trainable_state_dict()
+            optim_state = self.dist.optimizer_state_dict(self.model, self.optimizer)
         if not self.dist.is_main:
             self.dist.barrier()
             return None
-        st = self.state
         rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         trainer_state = {"step": st.step, "epoch": st.epoch, "index": st.index, "tokens_seen": st.tokens_seen,
                          "history": st.history, "total_steps": self.total_steps, "method": self.cfg.method}
-        writers = {
-            "model.safetensors": lambda p: save_file({k: v.contiguous() for k, v in weights.items()}, str(p)),
-            "optimizer.pt": lambda p: torch.save(optim_state, p),
+        if stage is not None:
+            writers = {f.name: (lambda p, f=f: os.replace(f, p)) for f in sorted(stage.iterdir()) if f.is_file()}
+        else:
+            writers = {
+                "model.safetensors": lambda p: save_file({k: v.contiguous() for k, v in weights.items()}, str(p)),
+                "optimizer.pt": lambda p: torch.save(optim_state, p),
+            }
+        writers.update({
             "scheduler.pt": lambda p: torch.save(self.scheduler.state_dict(), p),
             "rng.pt": lambda p: torch.save(rng, p),
             "trainer_state.json": lambda p: p.write_text(json.dumps(trainer_state), encoding="utf-8"),
             "config.py": lambda p: dump_config(self.cfg, p),
-        }
-        path = ckpt.write_checkpoint(self.work_dir, st.step, writers)
+        })
+        try:
+            path = ckpt.write_checkpoint(self.work_dir, st.step, writers)
+        finally:
+            if stage is not None:
+                shutil.rmtree(stage, ignore_errors=True)
         ckpt.prune_checkpoints(self.work_dir, self.cfg.save_total_limit)
         self.dist.barrier()
         return path
@@ -402,16 +426,26 @@ class Trainer:
     def _load_checkpoint(self, path: Path) -> None:
         from safetensors.torch import load_file
 
-        weights = load_file(str(path / "model.safetensors"))
-        self.dist.load_trainable_state_dict(self.model, weights)
-        optim_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-        self.dist.load_optimizer_state_dict(self.model, self.optimizer, optim_state)
+        sharded_ckpt = (path / "shards.json").is_file()
+        if sharded_ckpt != self.dist.sharded:
+            raise UserError(
+                f"checkpoint {path} was written {'in shards' if sharded_ckpt else 'whole'}, but this run's "
+                f"strategy ({self.cfg.strategy}) {'saves whole' if sharded_ckpt else 'saves in shards'}",
+                hint="resume with the strategy it was trained with; `lmtune convert pth_to_hf` reads either kind",
+            )
+        if not sharded_ckpt:
+            weights = load_file(str(path / "model.safetensors"))
+            self.dist.load_trainable_state_dict(self.model, weights)
+            optim_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
+            self.dist.load_optimizer_state_dict(self.model, self.optimizer, optim_state)
         self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
         rng = torch.load(path / "rng.pt", weights_only=False)
         torch.set_rng_state(rng["torch"])
         random.setstate(rng["python"])
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
+        if sharded_ckpt:  # after the shared RNG: each process restores its own stream too
+            self.dist.load_shards(self.train_model, self.optimizer, path)
         st = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
         self.state = TrainState(step=st["step"], epoch=st["epoch"], index=st["index"],
                                 tokens_seen=st["tokens_seen"], history=[tuple(h) for h in st["history"]])

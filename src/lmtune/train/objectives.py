@@ -15,8 +15,13 @@ import torch.nn.functional as F
 IGNORE = -100
 
 
-def flat_batch(rows: list[dict]) -> dict[str, torch.Tensor]:
-    """Concatenate rows (packed or not) into a single (1, T) row with restarting position ids."""
+def flat_batch(rows: list[dict]) -> dict:
+    """Concatenate rows (packed or not) into a single (1, T) row with restarting position ids.
+
+    Also returns, computed here on the CPU so the GPU step never waits on the host:
+    `loss_index` (positions whose next label counts), `cu_seq_lens` (int32 sample boundaries, for
+    variable-length attention kernels) and `max_length` (the longest sample, an int).
+    """
     ids, labels, pos = [], [], []
     for row in rows:
         n = len(row["input_ids"])
@@ -26,11 +31,26 @@ def flat_batch(rows: list[dict]) -> dict[str, torch.Tensor]:
         labels.extend(lab)
         p = row.get("position_ids")
         pos.extend(range(n) if p is None else p)
+    labels_t = torch.tensor([labels], dtype=torch.long)
+    pos_t = torch.tensor([list(pos)], dtype=torch.long)
+    starts = (pos_t[0] == 0).nonzero(as_tuple=True)[0].tolist()
+    bounds = [0] + [s for s in starts if s > 0] + [pos_t.shape[1]]
+    lengths = [b - a for a, b in zip(bounds[:-1], bounds[1:])]
     return {
         "input_ids": torch.tensor([ids], dtype=torch.long),
-        "labels": torch.tensor([labels], dtype=torch.long),
-        "position_ids": torch.tensor([list(pos)], dtype=torch.long),
+        "labels": labels_t,
+        "position_ids": pos_t,
+        "loss_index": (labels_t[0, 1:] != IGNORE).nonzero(as_tuple=True)[0],
+        "cu_seq_lens": torch.tensor(bounds, dtype=torch.int32),
+        "max_length": max(lengths) if lengths else 0,
     }
+
+
+def to_device(batch: dict, device: torch.device) -> dict:
+    """Move a flat batch to the device without stalling the host (pinned, non-blocking copies)."""
+    cuda = torch.device(device).type == "cuda"
+    return {k: (v.pin_memory().to(device, non_blocking=True) if cuda else v.to(device))
+            if torch.is_tensor(v) else v for k, v in batch.items()}
 
 
 def count_loss_tokens(rows: list[dict]) -> int:
@@ -38,23 +58,36 @@ def count_loss_tokens(rows: list[dict]) -> int:
     return sum(sum(1 for t in row["labels"][1:] if t != IGNORE) for row in rows)
 
 
-def loss_sum(model, batch: dict[str, torch.Tensor], chunk_tokens: int = 4096) -> tuple[torch.Tensor, int]:
-    """Sum of next-token cross-entropy over the batch's loss positions, and their count."""
+def loss_sum(model, batch: dict, chunk_tokens: int = 4096, fast=None) -> tuple[torch.Tensor, int]:
+    """Sum of next-token cross-entropy over the batch's loss positions, and their count.
+
+    `fast` (a `lmtune.train.fast_path.FastPath`, optional) adds the sample boundaries for
+    variable-length attention and computes the loss with the fused linear + cross-entropy head.
+    """
     labels = batch["labels"]
     # Position t predicts token t+1: keep the hidden states whose *next* label counts.
     target = labels[0, 1:]
-    keep = (target != IGNORE).nonzero(as_tuple=True)[0]
-    n = int(keep.numel())
+    keep = batch.get("loss_index")
+    if keep is None:
+        keep = (target != IGNORE).nonzero(as_tuple=True)[0]
+    n = int(keep.numel())  # shape metadata: no device sync
+    extra = fast.model_kwargs(batch) if fast is not None else {}
     if n == 0:
         # Still run the model so every parameter joins the graph (distributed engines expect it).
         out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], logits_to_keep=1,
-                    use_cache=False)
+                    use_cache=False, **extra)
         return out.logits.sum() * 0.0, 0
-    # use_cache=False: with a cache transformers ignores the packed-sample boundaries.
-    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], logits_to_keep=keep,
-                use_cache=False)
-    logits = out.logits[0]  # (n, vocab)
     targets = target[keep]
+    # use_cache=False: with a cache transformers ignores the packed-sample boundaries.
+    head = fast.loss_head if fast is not None else None
+    if head is not None:
+        with head.targets(targets):
+            out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], logits_to_keep=keep,
+                        use_cache=False, **extra)
+        return out.logits.reshape(()), n
+    out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], logits_to_keep=keep,
+                use_cache=False, **extra)
+    logits = out.logits[0]  # (n, vocab)
     total = logits.new_zeros((), dtype=torch.float32)
     for start in range(0, n, chunk_tokens):
         chunk = logits[start:start + chunk_tokens].float()
