@@ -22,6 +22,7 @@ max_length = 512
 pack_to_max_length = True
 
 evaluation_freq = 10
+eval_max_new_tokens = 48  # short probes keep the CPU run quick
 evaluation_inputs = ["Who are you?", "请你介绍一下你自己", "What is the capital of France?"]
 
 #######################################################################

@@ -1,0 +1,127 @@
+"""`lmtune web`: a Gradio chat page with streamed answers.
+
+Multi-turn history, a system-prompt box, temperature / top-p / max-new-tokens sliders, Stop and
+Clear buttons. Binds 127.0.0.1 unless --host says otherwise; no analytics, no external fonts,
+no share links, so it starts and works offline.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import sys
+
+from lmtune.errors import UserError
+
+# A local font stack: the default theme would ask Google Fonts, which offline machines cannot reach.
+_FONTS = ["ui-sans-serif", "system-ui", "-apple-system", "Segoe UI", "Roboto", "sans-serif"]
+_MONO = ["ui-monospace", "SFMono-Regular", "Menlo", "Consolas", "monospace"]
+
+
+def _import_gradio():
+    os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+    try:
+        import gradio as gr
+    except ImportError:
+        raise UserError("`lmtune web` needs gradio", hint="pip install 'lmtune[serve]'  (or: pip install gradio)") from None
+    return gr
+
+
+def _text(content) -> str:
+    """A chatbot message's content (a string or Gradio's list of parts) as plain text."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, dict):
+        return content.get("text") or ""
+    if isinstance(content, (list, tuple)):
+        return "".join(_text(c) for c in content)
+    return ""
+
+
+def to_messages(chat: list) -> list[dict]:
+    return [{"role": m["role"], "content": _text(m["content"])} for m in chat or []
+            if m.get("role") in ("user", "assistant")]
+
+
+def build_demo(engine, title: str | None = None):
+    """The chat page for `engine` (a gr.Blocks; call .launch())."""
+    gr = _import_gradio()
+    title = title or f"lmtune · {engine.model_name}"
+    max_ctx = max(16, min(4096, engine.context_window // 2))
+
+    with gr.Blocks(title=title, analytics_enabled=False) as demo:
+        gr.Markdown(f"## {title}")
+        chatbot = gr.Chatbot(label="Conversation", height=460, elem_id="lmtune-chat", buttons=["copy"])
+        with gr.Row():
+            box = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=7,
+                             elem_id="lmtune-input", autofocus=True)
+            send = gr.Button("Send", variant="primary", scale=1, min_width=90, elem_id="lmtune-send")
+            stop = gr.Button("Stop", variant="stop", scale=1, min_width=90, elem_id="lmtune-stop")
+            clear = gr.Button("Clear", scale=1, min_width=90, elem_id="lmtune-clear")
+        with gr.Accordion("Settings", open=False):
+            system = gr.Textbox(value=engine.system or "", label="System prompt (empty: the template's default)",
+                                lines=2, elem_id="lmtune-system")
+            with gr.Row():
+                temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature (0 = greedy)")
+                top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
+                max_new = gr.Slider(16, max_ctx, value=min(512, max_ctx), step=16, label="Max new tokens")
+
+        def add_user(message: str, chat: list):
+            message = (message or "").strip()
+            if not message:
+                return "", chat
+            return "", [*(chat or []), {"role": "user", "content": message}]
+
+        async def respond(chat: list, system_prompt: str, temp: float, p: float, n: int):
+            from lmtune.serve.engine import ContextTooLong
+
+            messages = to_messages(chat)
+            if not messages or messages[-1]["role"] != "user":
+                yield chat
+                return
+            chat = [*chat, {"role": "assistant", "content": ""}]
+            try:
+                gen = engine.stream(messages, system=system_prompt or "", temperature=float(temp), top_p=float(p),
+                                    max_new_tokens=int(n), loop=asyncio.get_running_loop())
+            except ContextTooLong as e:
+                chat[-1]["content"] = f"⚠️ {e}. Press Clear to start over."
+                yield chat
+                return
+            text = ""
+            async for piece in gen:  # Stop cancels this task; the engine then stops generating
+                text += piece
+                chat[-1] = {"role": "assistant", "content": text}
+                yield chat
+
+        inputs = [chatbot, system, temperature, top_p, max_new]
+        on_enter = box.submit(add_user, [box, chatbot], [box, chatbot], queue=False).then(respond, inputs, chatbot)
+        on_send = send.click(add_user, [box, chatbot], [box, chatbot], queue=False).then(respond, inputs, chatbot)
+        stop.click(None, None, None, cancels=[on_enter, on_send])
+        clear.click(lambda: ("", []), None, [box, chatbot], cancels=[on_enter, on_send], queue=False)
+    return demo
+
+
+def theme():
+    gr = _import_gradio()
+    return gr.themes.Default(font=_FONTS, font_mono=_MONO)
+
+
+def web_command(args) -> int:
+    _import_gradio()  # a clear message before the slow model load when gradio is missing
+    from lmtune.serve.chat import engine_from_args
+
+    engine = engine_from_args(args)
+    demo = build_demo(engine, title=args.title)
+    demo.queue(default_concurrency_limit=16)
+    if args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(f"[lmtune] warning: the page is reachable by anyone who can reach {args.host}:{args.port}",
+              file=sys.stderr)
+    print(f"[lmtune] chat page for '{engine.model_name}' at http://{args.host}:{args.port} (Ctrl-C stops)",
+          file=sys.stderr, flush=True)
+    try:
+        demo.launch(server_name=args.host, server_port=args.port, share=False, inbrowser=False, show_error=True,
+                    ssr_mode=False, quiet=True, footer_links=[], theme=theme())
+    except OSError as e:
+        raise UserError(f"cannot listen on {args.host}:{args.port}: {e}", hint="pick another --port") from None
+    return 0
+

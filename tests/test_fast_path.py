@@ -1,0 +1,232 @@
+"""The fast path on CPU: the fused loss and the packed attention against the plain PyTorch path,
+forward and backward, on random inputs; the Trainer with them switched on; the printed choices.
+
+The GPU kernels themselves (torch varlen, FlexAttention compiled, liger) are checked by
+tests/gpu/test_gpu_fast_path.py through the device tool.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from conftest import write_jsonl
+from lmtune.config import load_config
+from lmtune.errors import UserError
+from lmtune.models import attention as attn
+from lmtune.train.losses import LossHead, linear_cross_entropy, plain_cross_entropy
+from lmtune.train.objectives import flat_batch, loss_sum
+
+
+def _rel(a, b):
+    return float((a - b).norm() / b.norm().clamp_min(1e-12))
+
+
+@pytest.mark.parametrize("bias", [False, True])
+@pytest.mark.parametrize("chunk", [7, 64, None])
+def test_linear_cross_entropy_matches_plain_fwd_bwd(bias, chunk):
+    g = torch.Generator().manual_seed(int(chunk or 0) + bias)
+    n, h, v = 53, 24, 301
+    x = torch.randn(n, h, generator=g, dtype=torch.float64, requires_grad=True)
+    w = torch.randn(v, h, generator=g, dtype=torch.float64, requires_grad=True)
+    b = torch.randn(v, generator=g, dtype=torch.float64, requires_grad=True) if bias else None
+    t = torch.randint(0, v, (n,), generator=g)
+    t[::5] = -100  # ignored rows contribute nothing
+    out = linear_cross_entropy(x, w, t, bias=b, chunk=chunk)
+    gx, gw, *gb = torch.autograd.grad(out * 0.7, [x, w] + ([b] if bias else []))
+    ref = plain_cross_entropy(x, w, t, bias=b)
+    rx, rw, *rb = torch.autograd.grad(ref * 0.7, [x, w] + ([b] if bias else []))
+    assert float(out) == pytest.approx(float(ref), rel=1e-10)
+    assert _rel(gx, rx) < 1e-10 and _rel(gw, rw) < 1e-10
+    if bias:
+        assert _rel(gb[0], rb[0]) < 1e-10
+
+
+def test_linear_cross_entropy_bf16_autocast_and_frozen_weight():
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(40, 32, generator=g, requires_grad=True)
+    w = torch.randn(500, 32, generator=g)  # frozen (LoRA): no weight gradient is formed
+    t = torch.randint(0, 500, (40,), generator=g)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = linear_cross_entropy(x, w, t, chunk=16)
+    (gx,) = torch.autograd.grad(out, [x])
+    ref = plain_cross_entropy(x.double(), w.double(), t)
+    (rx,) = torch.autograd.grad(ref, [x])
+    assert out.dtype == torch.float32 and gx.dtype == torch.float32
+    assert float(out) == pytest.approx(float(ref), rel=1e-2)
+    assert _rel(gx.double(), rx) < 2e-2
+
+
+def test_reference_varlen_equals_per_sample_attention():
+    g = torch.Generator().manual_seed(2)
+    lens = [5, 1, 17, 9]
+    T, hq, hkv, d = sum(lens), 4, 2, 8
+    q, k, v = (torch.randn(T, hh, d, generator=g, dtype=torch.float64) for hh in (hq, hkv, hkv))
+    cu = torch.tensor([0, 5, 6, 23, 32], dtype=torch.int32)
+    out = attn.reference_varlen(q, k, v, cu, d ** -0.5)
+    a = 0
+    for n in lens:  # each sample alone, plain math
+        qs, ks, vs = q[a:a + n], k[a:a + n].repeat_interleave(2, 1), v[a:a + n].repeat_interleave(2, 1)
+        s = torch.einsum("qhd,khd->hqk", qs, ks) * d ** -0.5
+        s = s.masked_fill(torch.ones(n, n, dtype=torch.bool).triu(1), float("-inf"))
+        ref = torch.einsum("hqk,khd->qhd", s.softmax(-1), vs)
+        assert _rel(out[a:a + n], ref) < 1e-12
+        a += n
+
+
+@pytest.mark.skipif(not attn.flex_available(), reason="no FlexAttention in this torch")
+def test_flex_document_mask_equals_reference():
+    g = torch.Generator().manual_seed(3)
+    T, d = 200, 16
+    q, k, v = (torch.randn(T, 2, d, generator=g) for _ in range(3))
+    cu = torch.tensor([0, 70, 71, 150, 200], dtype=torch.int32)
+    try:
+        out = attn._flex(q, k, v, cu, d ** -0.5)
+    except Exception as e:  # eager flex on CPU is not available in every torch build
+        pytest.skip(f"FlexAttention does not run on this CPU build: {e}")
+    ref = attn.reference_varlen(q, k, v, cu, d ** -0.5)
+    assert _rel(out, ref) < 1e-4
+
+
+def _rows(tokenizer, n=6, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    rows = []
+    for i in range(n):
+        L = int(torch.randint(4, 40, (1,), generator=g))
+        ids = torch.randint(10, len(tokenizer) - 1, (L,), generator=g).tolist()
+        labels = [-100] * (L // 3) + ids[L // 3:]
+        rows.append({"input_ids": ids, "labels": labels})
+    return rows
+
+
+@pytest.mark.parametrize("impl", [attn.VARLEN, attn.FLEX])
+def test_registered_attention_gives_the_sdpa_loss_and_grads(tiny_model_dir, impl):
+    """A packed forward+backward through the registered function equals transformers' SDPA path."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmtune.train.fast_path import FastPath
+
+    if impl == attn.FLEX and not attn.flex_available():
+        pytest.skip("no FlexAttention")
+    attn.register()
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    batch = flat_batch(_rows(tok))
+    results = {}
+    for name in ("sdpa", impl):
+        model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+        model.config.use_cache = False  # as in training (with a cache, transformers skips packing detection)
+        model.set_attn_implementation(name)
+        fp = FastPath(attention=name)
+        try:
+            s, n = loss_sum(model, batch, fast=fp)
+        except Exception as e:
+            if name == attn.FLEX:
+                pytest.skip(f"FlexAttention does not run on this CPU build: {e}")
+            raise
+        s.backward()
+        results[name] = (float(s), n, model.model.layers[0].self_attn.q_proj.weight.grad.clone())
+    (s0, n0, g0), (s1, n1, g1) = results["sdpa"], results[impl]
+    assert n0 == n1
+    assert s1 == pytest.approx(s0, rel=1e-5)
+    assert _rel(g1, g0) < 1e-4
+
+
+def test_loss_head_inside_forward_equals_plain_loss(tiny_model_dir):
+    """The hooked output layer gives the plain loss and gradients; outside the block it is normal."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from lmtune.train.fast_path import FastPath
+
+    tok = AutoTokenizer.from_pretrained(tiny_model_dir)
+    batch = flat_batch(_rows(tok, seed=4))
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    s_ref, n_ref = loss_sum(model, batch)
+    s_ref.backward()
+    g_ref = model.lm_head.weight.grad.clone()  # tied with the embeddings: both paths add up
+    model.zero_grad()
+    head = LossHead(model.get_output_embeddings())
+    s, n = loss_sum(model, batch, fast=FastPath(loss="chunked", loss_head=head))
+    s.backward()
+    assert n == n_ref and float(s) == pytest.approx(float(s_ref), rel=1e-5)
+    assert _rel(model.lm_head.weight.grad, g_ref) < 1e-4
+    with torch.no_grad():  # head inactive: ordinary logits
+        out = model(input_ids=batch["input_ids"][:, :5])
+    assert out.logits.shape == (1, 5, model.config.vocab_size)
+
+
+def test_flat_batch_boundaries():
+    rows = [{"input_ids": [1, 2, 3], "labels": [1, 2, 3]},
+            {"input_ids": [4, 5, 6, 7, 8], "labels": [4, 5, 6, 7, 8], "position_ids": [0, 1, 0, 1, 2]}]
+    b = flat_batch(rows)
+    assert b["cu_seq_lens"].tolist() == [0, 3, 5, 8] and b["cu_seq_lens"].dtype == torch.int32
+    assert b["max_length"] == 3
+    assert b["loss_index"].tolist() == [0, 1, 3, 4, 5, 6]  # a sample's first token is never a target
+
+
+def _cfg(tmp_path, model, **kw):
+    data = write_jsonl(tmp_path / "d.jsonl", [
+        {"messages": [{"role": "user", "content": f"What is {i} times 3?"},
+                      {"role": "assistant", "content": f"It is {3 * i}."}]} for i in range(16)])
+    base = dict(model=model, datasets=[str(data)], max_length=128, method="full", lr=3e-3, batch_size=4,
+                accumulative_counts=1, max_steps=8, save_steps=100, warmup_ratio=0.0, lora_dropout=0.0, seed=0)
+    base.update(kw)
+    p = tmp_path / f"cfg{len(list(tmp_path.glob('cfg*.py')))}.py"
+    p.write_text("\n".join(f"{k} = {v!r}" for k, v in base.items()) + "\n")
+    return load_config(str(p))
+
+
+def _losses(work):
+    return [json.loads(x)["loss"] for x in (work / "logs/train_log.jsonl").read_text().splitlines()
+            if '"loss"' in x]
+
+
+def test_trainer_fast_path_matches_plain_path(tmp_path, tiny_model_dir, capsys):
+    """Mini-model convergence with and without the fast path: the same loss curve."""
+    from lmtune.train.loop import run_training
+
+    plain = _cfg(tmp_path, tiny_model_dir, attn_implementation="sdpa", loss_impl="plain")
+    fast = _cfg(tmp_path, tiny_model_dir, attn_implementation=attn.VARLEN, loss_impl="chunked",
+                gradient_checkpointing=True, method="lora", lora_r=4, lora_alpha=8, lr=1e-2)
+    plain_lora = _cfg(tmp_path, tiny_model_dir, attn_implementation="sdpa", loss_impl="plain",
+                      gradient_checkpointing=True, method="lora", lora_r=4, lora_alpha=8, lr=1e-2)
+    fast_full = _cfg(tmp_path, tiny_model_dir, attn_implementation=attn.VARLEN, loss_impl="chunked")
+    run_training(plain, tmp_path / "plain")
+    run_training(fast_full, tmp_path / "fast_full")
+    err = capsys.readouterr().err
+    assert "fast path: attention: lmtune_varlen (set in the config); loss: chunked" in err
+    a, b = _losses(tmp_path / "plain"), _losses(tmp_path / "fast_full")
+    assert a == pytest.approx(b, rel=2e-4) and a[-1] < a[0] - 0.5
+    run_training(plain_lora, tmp_path / "plain_lora")
+    run_training(fast, tmp_path / "fast_lora")
+    a, b = _losses(tmp_path / "plain_lora"), _losses(tmp_path / "fast_lora")
+    assert a == pytest.approx(b, rel=2e-4) and a[-1] < a[0]
+    # The export is an ordinary model: no lmtune attention name leaks into it.
+    cfg_json = json.loads((tmp_path / "fast_full/hf/config.json").read_text())
+    assert "lmtune" not in json.dumps(cfg_json)
+
+
+def test_auto_choices_on_cpu_are_the_plain_path(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from lmtune.train import fast_path
+
+    cfg = _cfg(tmp_path, tiny_model_dir)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    fp = fast_path.setup_base_model(model, cfg, torch.device("cpu"), None)
+    fp = fast_path.finish(fp, model, cfg, torch.device("cpu"))
+    assert (fp.attention, fp.loss, fp.kernels, fp.compile) == ("sdpa", "plain", "none", False)
+    assert all(fp.why[k] for k in ("attention", "loss", "kernels", "compile", "checkpointing"))
+
+
+def test_forced_liger_without_gpu_is_a_clear_error(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    from lmtune.train import fast_path
+
+    cfg = _cfg(tmp_path, tiny_model_dir, use_liger_kernel="on")
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    with pytest.raises(UserError) as e:
+        fast_path.setup_base_model(model, cfg, torch.device("cpu"), None)
+    assert "use_liger_kernel" in str(e.value) and "CPU" in str(e.value)
