@@ -68,14 +68,14 @@ def run_quickstart(name: str, author: str = "lmtune", work_dir: str = "work_dirs
     print(f"[lmtune] 2/4 making identity data for {name!r} (by {author!r})…", file=sys.stderr)
     data = work / "data" / "self_cognition.jsonl"
     data.parent.mkdir(parents=True, exist_ok=True)
-    write_self_cognition(str(data), name=name, author=author, n=300, seed=0)
+    write_self_cognition(str(data), name=name, author=author, n=200, seed=0)
 
     print("[lmtune] 3/4 fine-tuning (LoRA)…", file=sys.stderr)
-    overrides = {
-        "datasets": [{"path": str(data), "format": "openai"},
-                     {"path": "lmtune:replay_general.jsonl", "format": "openai", "repeat": 2}],
-        "evaluation_inputs": ["Who are you?", "请你介绍一下你自己", "What is the capital of France?"],
-    }
+    # The built-in config, with its identity-data entry pointed at the file just made (the
+    # replay entry stays as the config has it).
+    base = load_config("smollm2_135m_lora_self_cognition")
+    datasets = [dict(e, path=str(data)) if e["path"].endswith("self_cognition.jsonl") else e for e in base.datasets]
+    overrides = {"datasets": datasets}
     if max_steps:
         overrides["max_steps"] = max_steps
     cfg = load_config("smollm2_135m_lora_self_cognition", overrides)

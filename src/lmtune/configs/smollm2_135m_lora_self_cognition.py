@@ -14,7 +14,7 @@ datasets = [
     dict(path="data/self_cognition.jsonl", format="openai"),
     # Replay: general questions answered by the base model itself, so the tuned model keeps
     # answering ordinary questions instead of reciting its new name to everything.
-    dict(path="lmtune:replay_general.jsonl", format="openai", repeat=2),
+    dict(path="lmtune:replay_general.jsonl", format="openai", repeat=4),
 ]
 prompt_template = "auto"  # the tokenizer's own ChatML template
 system = "You are a helpful assistant."
