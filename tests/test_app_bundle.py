@@ -17,7 +17,7 @@ from test_serve_common import ENV, ROOT, free_port, tiny_model  # noqa: E402,F40
 from lmtune.app_bundle import export_app  # noqa: E402
 from lmtune.errors import UserError  # noqa: E402
 
-TORCH_WHEEL_DIR = "/opt/wheels"  # a local CPU torch wheel (CI: the same, or PyPI's CPU index)
+TORCH_WHEEL_DIR = "/opt/wheels"  # where these machines keep the CPU torch wheel
 
 
 @pytest.fixture(scope="module")
@@ -120,7 +120,7 @@ def test_exported_app_runs_in_a_fresh_venv(tiny_model, tmp_path):  # noqa: F811
     subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
     py = str(venv / "bin" / "python")
     wheel = sorted(Path(TORCH_WHEEL_DIR).glob("torch-*cpu*.whl"))
-    torch_src = [str(wheel[-1])] if wheel else ["torch", "--index-url", "https://download.pytorch.org/whl/cpu"]
+    torch_src = [str(wheel[-1])] if wheel else ["torch==2.13.0"]  # pip here finds the CPU build on disk
     env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "VIRTUAL_ENV")}
     env["GRADIO_ANALYTICS_ENABLED"] = "False"
     subprocess.run([py, "-m", "pip", "install", "-q", *torch_src], check=True, env=env, timeout=900)

@@ -42,7 +42,7 @@ shuffle_before_pack = True
 #######################################################################
 #                  PART 4  Optimizer & Schedule                       #
 #######################################################################
-lr = 5e-4
+lr = 3e-4
 batch_size = 2  # packed rows of up to max_length tokens
 accumulative_counts = 1
 max_steps = 30
