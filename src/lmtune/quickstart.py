@@ -16,10 +16,10 @@ HELDOUT_IDENTITY_QUESTIONS = [
     "Hey, what should I call you?",
     "Could you tell me a bit about who you are?",
     "Which assistant am I talking to right now?",
-    "Who built you?",
+    "Which team is behind you, and what is your name?",
     "你叫什么名字呀？",
     "能介绍一下你是谁吗？",
-    "是谁开发了你？",
+    "方便说说你的来历吗？",
 ]
 
 # Ordinary questions (not identity); the tuned model should answer them, not recite its name.
