@@ -255,3 +255,15 @@ def test_disk_full_during_save_keeps_previous_checkpoint(tmp_path, tiny_model_di
     assert ckpt.latest_checkpoint(tmp_path / "w") == tmp_path / "w/iter_2"
     assert ckpt.verify_checkpoint(tmp_path / "w/iter_2") is None
     assert not [p for p in (tmp_path / "w").iterdir() if p.name.startswith(".iter_")]
+
+
+@pytest.mark.parametrize("optimizer", ["adamw_8bit", "paged_adamw_8bit"])
+def test_bitsandbytes_optimizers_train(tmp_path, tiny_model_dir, data_file, optimizer):
+    pytest.importorskip("bitsandbytes")
+    cfg = make_cfg(tmp_path, tiny_model_dir, data_file, max_steps=8, lr=3e-3, optimizer=optimizer)
+    t = Trainer(cfg, tmp_path / "w")
+    t.setup()
+    assert "8bit" in type(t.optimizer).__name__
+    t.train()
+    losses = [loss for _, loss in t.state.history]
+    assert losses[-1] < losses[0] - 0.5, losses

@@ -63,6 +63,8 @@ class Config:
 
     # ---- PART 4: optimizer & schedule -------------------------------------------------
     lr: float = 2e-4
+    # adamw: torch's (fused on GPU); *_8bit / paged_*: bitsandbytes (8-bit state, paged to host memory)
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "adamw"
     weight_decay: float = 0.0
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     max_norm: float = 1.0  # gradient clipping; 0 = off

@@ -68,6 +68,22 @@ def seed_everything(seed: int) -> None:
         pass
 
 
+def make_adamw(groups, cfg: Config, device: torch.device):
+    """AdamW as the config asks: torch's (fused on GPU), or bitsandbytes' 8-bit / paged variants,
+    which keep the optimizer state in 8 bits and/or page it to host memory under pressure."""
+    kind = cfg.optimizer
+    if kind == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=device.type == "cuda")
+    try:
+        import bitsandbytes as bnb
+    except ImportError:
+        raise UserError(f"optimizer '{kind}' needs bitsandbytes", where=cfg._source,
+                        hint="pip install 'lmtune[qlora]', or set optimizer = 'adamw'") from None
+    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
+           "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[kind]
+    return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+
+
 class Trainer:
     def __init__(self, cfg: Config, work_dir: str | Path, dist=None):
         self.cfg = cfg
@@ -172,12 +188,7 @@ class Trainer:
         decay = [p for p in params if p.ndim >= 2]
         no_decay = [p for p in params if p.ndim < 2]
         groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        kwargs = {}
-        if self.device.type == "cuda":
-            kwargs["fused"] = True
-        self.optimizer = self.dist.make_optimizer(
-            groups, lambda g: torch.optim.AdamW(g, lr=cfg.lr, betas=tuple(cfg.betas), **kwargs)
-        )
+        self.optimizer = self.dist.make_optimizer(groups, lambda g: make_adamw(g, cfg, self.device))
         self.scheduler = make_scheduler(self.optimizer, self.total_steps, cfg.warmup_ratio, cfg.lr_scheduler,
                                         cfg.min_lr_ratio)
 
