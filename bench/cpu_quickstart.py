@@ -55,7 +55,7 @@ def run_lmtune(samples: Path, steps: int, batch: int, work: Path) -> dict:
     from peft import LoraConfig, get_peft_model
 
     from lmtune.models.loader import load_model
-    from lmtune.train.objectives import count_loss_tokens, flat_batch, loss_sum
+    from lmtune.train.objectives import flat_batch, loss_sum
 
     torch.manual_seed(0)
     rows = json.loads(samples.read_text())

@@ -217,7 +217,7 @@ def run_lmtune(name, case, steps, extra=None):
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     stamps, lengths, losses = [], [], []
-    for i in range(steps):
+    for _ in range(steps):
         st = t.state
         before = st.tokens_seen
         order = t._epoch_order(st.epoch)[st.index: st.index + t.rows_per_step]

@@ -120,7 +120,7 @@ def test_no_trained_turn_fits_after_prompt_is_not_trained_on(smol_tokenizer):
 def fake_samples(n, seed=0, lo=3, hi=30):
     rng = random.Random(seed)
     out = []
-    for k in range(n):
+    for _ in range(n):
         L = rng.randint(lo, hi)
         ids = [rng.randint(5, 99) for _ in range(L)]
         labels = [IGNORE_INDEX] + ids[1:]

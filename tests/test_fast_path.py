@@ -93,7 +93,7 @@ def test_flex_document_mask_equals_reference():
 def _rows(tokenizer, n=6, seed=0):
     g = torch.Generator().manual_seed(seed)
     rows = []
-    for i in range(n):
+    for _ in range(n):
         L = int(torch.randint(4, 40, (1,), generator=g))
         ids = torch.randint(10, len(tokenizer) - 1, (L,), generator=g).tolist()
         labels = [-100] * (L // 3) + ids[L // 3:]

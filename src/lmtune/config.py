@@ -454,10 +454,14 @@ def check_paths(cfg: Config) -> None:
         raise UserError("no training data: the 'datasets' key is empty", where=where,
                         hint="set datasets = ['path/to/data.jsonl'] in the config or with --cfg-options")
     model = os.path.expanduser(cfg.model)
-    looks_local = model.startswith((".", "/", "~")) or model.endswith(".gguf") or os.sep in model.strip("/").split("/", 1)[-1]
+    # A hub id is "org/name"; anything else with a path shape must exist locally.
+    looks_local = (model.startswith((".", "/", "~")) or model.endswith(".gguf")
+                   or os.sep in model.strip("/").split("/", 1)[-1])
     if looks_local and not Path(model).exists():
-        raise UserError(f"model path '{cfg.model}' does not exist", where=f"{where} (key 'model')",
-                        hint="point 'model' at a Hugging Face folder, a .gguf file, a hub id or 'smollm2-135m-instruct'")
+        raise UserError(
+            f"model path '{cfg.model}' does not exist", where=f"{where} (key 'model')",
+            hint="point 'model' at a Hugging Face folder, a .gguf file, a hub id or 'smollm2-135m-instruct'",
+        )
 
 
 # --------------------------------------------------------------------------- list / copy

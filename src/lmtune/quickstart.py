@@ -61,7 +61,7 @@ def run_quickstart(name: str, author: str = "lmtune", work_dir: str = "work_dirs
 
     t0 = time.time()
     work = Path(work_dir)
-    print(f"[lmtune] 1/4 preparing the embedded model…", file=sys.stderr)
+    print("[lmtune] 1/4 preparing the embedded model…", file=sys.stderr)
     resolve_model_path("smollm2-135m-instruct")
     t_model = time.time() - t0
 

@@ -470,7 +470,8 @@ def load_internlm2_tokenizer(path: str | os.PathLike):
                                  lstrip=spec.get("lstrip", False), rstrip=spec.get("rstrip", False),
                                  single_word=spec.get("single_word", False)))
     known = {t.content for t in to_add}
-    to_add += [AddedToken(t, special=True, normalized=False) for t in specials if t not in known and backend.token_to_id(t) is not None]
+    to_add += [AddedToken(t, special=True, normalized=False)
+               for t in specials if t not in known and backend.token_to_id(t) is not None]
     backend.add_special_tokens([t for t in to_add if t.special])
     backend.add_tokens([t for t in to_add if not t.special])
 

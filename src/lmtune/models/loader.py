@@ -228,7 +228,6 @@ def load_model(
     adapter_trainable: bool = False,
 ):
     """Load a causal LM (optionally quantized, optionally with a LoRA adapter on top)."""
-    import torch
     from transformers import AutoModelForCausalLM
 
     path = resolve_model_path(name_or_path)

@@ -226,7 +226,6 @@ class Trainer:
             self._probe()
         bar = self._progress()
         t_start, tokens_at_start = time.time(), self.state.tokens_seen
-        last_saved = None
         while self.state.step < self.total_steps:
             loss = self._train_step()
             self.state.step += 1
@@ -254,7 +253,7 @@ class Trainer:
             if cfg.evaluation_freq and step % cfg.evaluation_freq == 0 and step != self.total_steps:
                 self._probe()
             if step % cfg.save_steps == 0 or step == self.total_steps:
-                last_saved = self.save_checkpoint()
+                self.save_checkpoint()
         if bar is not None:
             bar.close()
         if cfg.evaluation_inputs:
