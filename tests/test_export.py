@@ -85,3 +85,14 @@ def test_pth_to_hf_rejects_incomplete_checkpoint(trained, tmp_path):
         from lmtune.export import pth_to_hf
 
         pth_to_hf(None, str(broken), str(tmp_path / "out"))
+
+
+def test_exported_tokenizer_config_is_readable_by_transformers_4(trained):
+    for folder in (trained / "work/hf", trained / "merged"):
+        if not folder.exists():
+            continue
+        cfg = json.loads((folder / "tokenizer_config.json").read_text())
+        assert cfg.get("tokenizer_class") in (None, "PreTrainedTokenizerFast")
+        assert not isinstance(cfg.get("extra_special_tokens"), list)
+        tok = load_tokenizer(str(folder))
+        assert tok.eos_token == "<|im_end|>" and tok.chat_template

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from lmtune.errors import UserError
+from lmtune.export import save_tokenizer
 
 MARKER = "lmtune-app.json"
 
@@ -89,7 +90,7 @@ def export_app(model: str, out_dir: str, adapter: str | None = None, title: str 
     try:
         model_dir = tmp / "model"
         lm.save_pretrained(model_dir, safe_serialization=True, max_shard_size=max_shard_size)
-        tokenizer.save_pretrained(model_dir)
+        save_tokenizer(tokenizer, model_dir)
         if getattr(lm, "generation_config", None) is not None:
             lm.generation_config.save_pretrained(model_dir)
         app_config = {

@@ -40,6 +40,26 @@ def atomic_dir(out: str | Path):
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def save_tokenizer(tokenizer, folder: Path) -> None:
+    """Save the tokenizer so that transformers 4.x and 5.x (and the tools pinned to either) read it.
+
+    transformers 5 writes its internal class name "TokenizersBackend" and a list-valued
+    "extra_special_tokens"; 4.x knows neither. Both mean the plain fast tokenizer.
+    """
+    tokenizer.save_pretrained(folder)
+    path = Path(folder) / "tokenizer_config.json"
+    if not path.is_file():
+        return
+    cfg = json.loads(path.read_text(encoding="utf-8"))
+    if cfg.get("tokenizer_class") == "TokenizersBackend":
+        cfg["tokenizer_class"] = "PreTrainedTokenizerFast"
+    extra = cfg.get("extra_special_tokens")
+    if isinstance(extra, list):
+        cfg.pop("extra_special_tokens")
+        cfg["additional_special_tokens"] = sorted(set(cfg.get("additional_special_tokens", [])) | set(extra))
+    path.write_text(json.dumps(cfg, indent=2, ensure_ascii=False), encoding="utf-8")
+
+
 def _write_meta(folder: Path, cfg, template) -> None:
     meta = {
         "prompt_template": cfg.prompt_template if cfg is not None else "auto",
@@ -93,7 +113,7 @@ def save_trained_model(model, tokenizer, cfg, template, out, state_dict=None, ma
                 target = model.to(dtype)
             target.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size,
                                    state_dict=state_dict)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
         if gen is not None:
             gen.save_pretrained(tmp)
         _write_meta(tmp, cfg, template)
@@ -241,7 +261,7 @@ def merge(base: str, adapter: str, out: str, max_shard_size: str = "2GB", save_f
         return Path(out)
     with atomic_dir(out) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
-        tokenizer.save_pretrained(tmp)
+        save_tokenizer(tokenizer, tmp)
         gen_src = adapter_dir / "generation_config.json"
         if gen_src.is_file():
             shutil.copyfile(gen_src, tmp / "generation_config.json")
