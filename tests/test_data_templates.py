@@ -185,3 +185,20 @@ def test_auto_without_chat_template(backend):
     tok = wrap(backend, "<s>", "</s>", None)
     with pytest.raises(UserError, match="has no chat template"):
         get_template("auto", tok)
+
+
+@pytest.mark.parametrize("name", sorted(NAMED))
+def test_named_template_as_jinja_renders_the_same_through_the_tokenizer(name, smol_tokenizer):
+    """What export saves as the tokenizer's chat template equals what training rendered."""
+    tpl = get_template(name, smol_tokenizer)
+    conversations = [
+        [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
+        [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "line1\nline2"},
+         {"role": "assistant", "content": 'a "quoted" reply'}, {"role": "user", "content": "你好"}],
+    ]
+    for conv in conversations:
+        for gen in (False, True):
+            ours = tpl.render(conv, add_generation_prompt=gen)
+            theirs = smol_tokenizer.apply_chat_template(conv, chat_template=tpl.jinja(), tokenize=False,
+                                                        add_generation_prompt=gen)
+            assert theirs == ours

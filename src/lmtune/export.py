@@ -93,6 +93,10 @@ def save_trained_model(model, tokenizer, cfg, template, out, state_dict=None, ma
     lmtune.json (template, system prompt, stop words)."""
     out = Path(out)
     is_peft = hasattr(model, "peft_config")
+    if hasattr(template, "jinja"):
+        # A named template: save it as the tokenizer's chat template, so the exported folder
+        # renders conversations exactly as in training wherever it is loaded.
+        tokenizer.chat_template = template.jinja()
     gen = _generation_config(_base_of(model), tokenizer, template)
     with atomic_dir(out) as tmp:
         if is_peft:

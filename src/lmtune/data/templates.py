@@ -20,6 +20,8 @@ e.g. "\\n": no loss).
 
 from __future__ import annotations
 
+import json
+
 import difflib
 from dataclasses import dataclass
 from typing import Iterable, Optional, Union
@@ -199,6 +201,41 @@ class NamedTemplate(ChatTemplate):
             gp = spec.assistant_prefix if spec.generation_prompt is None else spec.generation_prompt
             segs.append(Segment(gp, False, "prompt"))
         return [s for s in segs if s.text]
+
+    def jinja(self) -> str:
+        """The same template as a Jinja chat template, saved with exported tokenizers so every
+        other tool (transformers' apply_chat_template, vLLM, the exported app) renders exactly
+        what the model was trained on."""
+        spec = self.spec
+
+        def lit(text: str) -> str:
+            text = text.replace("{eos}", self._eos)
+            return "{{ " + json.dumps(text) + " }}" if text else ""
+
+        def around(fmt: str, key: str) -> tuple[str, str]:
+            before, _, after = fmt.partition("{" + key + "}")
+            return before, after
+
+        user_pre, user_post = around(spec.user, "content")
+        merge_pre, rest = around(spec.system_merge, "system")
+        merge_mid, merge_post = around(rest, "content")
+        merge = (lit(merge_pre) + "{{ ns.system }}" + lit(merge_mid) + "{{ m['content'] }}" + lit(merge_post))
+        if spec.system is None:
+            on_system = "{% set ns.system = m['content'] %}"
+        else:
+            sys_pre, sys_post = around(spec.system, "content")
+            on_system = lit(sys_pre) + "{{ m['content'] }}" + lit(sys_post)
+        gp = spec.assistant_prefix if spec.generation_prompt is None else spec.generation_prompt
+        return (
+            lit(spec.bos) + "{% set ns = namespace(system=none) %}{% for m in messages %}"
+            "{% if m['role'] == 'system' %}" + on_system
+            + "{% elif m['role'] == 'user' %}" + lit(user_pre)
+            + "{% if ns.system is not none %}" + merge + "{% set ns.system = none %}"
+            "{% else %}{{ m['content'] }}{% endif %}" + lit(user_post)
+            + "{% elif m['role'] == 'assistant' %}" + lit(spec.assistant_prefix) + "{{ m['content'] }}"
+            + lit(spec.eot) + lit(spec.sep) + "{% endif %}{% endfor %}"
+            "{% if add_generation_prompt %}" + lit(gp) + "{% endif %}"
+        )
 
 
 # --------------------------------------------------------------------------- the tokenizer's own
