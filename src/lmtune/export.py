@@ -7,37 +7,13 @@ leaves a half-written folder where a good one was.
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import tempfile
-from contextlib import contextmanager
 from pathlib import Path
 
+from lmtune.atomic import atomic_dir
 from lmtune.errors import UserError
 
 META_FILE = "lmtune.json"
-
-
-@contextmanager
-def atomic_dir(out: str | Path):
-    """Yield a temporary folder beside `out`; on success it replaces `out` whole."""
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
-        yield tmp
-        if out.exists():
-            old = out.parent / f".{out.name}.old"
-            if old.exists():
-                shutil.rmtree(old)
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
 
 
 def save_tokenizer(tokenizer, folder: Path) -> None:

@@ -24,12 +24,12 @@ import math
 import os
 import re
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from lmtune.atomic import atomic_dir
 from lmtune.errors import UserError
 
 # auto_map of the published checkpoints; used when the source config has none.
@@ -542,9 +542,7 @@ def save_internlm2(
     if len(dtypes) == 1:
         out_cfg["torch_dtype"] = str(next(iter(dtypes))).replace("torch.", "")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         split = split_torch_state_dict_into_shards(
             isd, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
         )
@@ -562,18 +560,6 @@ def save_internlm2(
             for p in list(src.glob("*.py")) + [src / n for n in PASSTHROUGH_FILES]:
                 if p.is_file() and not (tmp / p.name).exists():
                     shutil.copy2(p, tmp / p.name)
-        if out.exists():
-            backup = out.with_name(f".{out.name}.old")
-            if backup.exists():
-                shutil.rmtree(backup)
-            os.replace(out, backup)
-            os.replace(tmp, out)
-            shutil.rmtree(backup, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out
 
 
@@ -713,19 +699,11 @@ def convert_lora_adapter_to_internlm2(src: str | os.PathLike, out_dir: str | os.
     if not weights.is_file():
         raise UserError(f"'{src}' has no adapter_model.safetensors")
     sd, new_cfg = convert_lora_state_dict_to_internlm2(load_file(str(weights)), acfg, config)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / "adapter_model.safetensors"),
                   metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(new_cfg, indent=2, sort_keys=True) + "\n")
         for p in src.iterdir():
             if p.is_file() and p.name not in ("adapter_config.json", "adapter_model.safetensors"):
                 shutil.copy2(p, tmp / p.name)
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     return out

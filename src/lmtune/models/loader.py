@@ -17,11 +17,11 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 import zipfile
 from pathlib import Path
 
+from lmtune.atomic import atomic_dir
 from lmtune.errors import UserError
 
 EMBEDDED_NAME = "smollm2-135m-instruct"
@@ -132,19 +132,11 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     # saving and training refuse until that mark is removed.
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=target.name + ".", dir=target.parent))
-    try:
+    with atomic_dir(target) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if model.generation_config is not None:
             model.generation_config.save_pretrained(tmp)
-        if target.exists():
-            shutil.rmtree(target)
-        os.replace(tmp, target)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
     _log(f"cached at {target} ({time.time() - t0:.0f} s)")
 
 
