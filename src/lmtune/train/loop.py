@@ -195,8 +195,11 @@ class Trainer:
     # ------------------------------------------------------------------ data order
     def _epoch_order(self, epoch: int) -> list[int]:
         """A permutation of the rows for `epoch`, the same in every process and after a resume."""
-        g = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
-        return torch.randperm(len(self.rows), generator=g).tolist()
+        cached = getattr(self, "_order", None)
+        if cached is None or cached[0] != epoch:
+            g = torch.Generator().manual_seed(self.cfg.seed * 1000 + epoch)
+            self._order = cached = (epoch, torch.randperm(len(self.rows), generator=g).tolist())
+        return cached[1]
 
     def _next_step_rows(self) -> list[list[dict]]:
         """Rows of the next optimizer step for this process, as micro-batches."""
