@@ -23,8 +23,9 @@ def smol_tokenizer(smol_dir):
     return load_tokenizer(smol_dir)
 
 
-def make_tiny_llama(out: Path, tokenizer, hidden: int = 64, layers: int = 2, seed: int = 0) -> Path:
-    """A randomly initialised Llama with the given tokenizer, saved as a HF folder."""
+def make_tiny_llama(out: Path, tokenizer, hidden: int = 64, layers: int = 2, seed: int = 0, **overrides) -> Path:
+    """A randomly initialised Llama with the given tokenizer, saved as a HF folder.
+    `overrides` replace LlamaConfig fields (e.g. max_position_embeddings, initializer_range)."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -34,6 +35,8 @@ def make_tiny_llama(out: Path, tokenizer, hidden: int = 64, layers: int = 2, see
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048, tie_word_embeddings=True,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
     )
+    for key, value in overrides.items():
+        setattr(cfg, key, value)
     model = LlamaForCausalLM(cfg)
     model.save_pretrained(out, safe_serialization=True)
     tokenizer.save_pretrained(out)

@@ -18,24 +18,18 @@ ENV = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1",
 
 
 def build_tiny_model(path: Path) -> Path:
-    """A 2-layer, hidden-64 random Llama saved with SmolLM2's tokenizer (ChatML, eos <|im_end|>)."""
+    """A 2-layer, hidden-64 random Llama saved with SmolLM2's tokenizer (ChatML, eos <|im_end|>).
+    A wide initialisation (0.5) makes its greedy outputs varied enough for stream tests."""
     if (path / "config.json").is_file():
         return path
-    import torch
-    from transformers import GenerationConfig, LlamaConfig, LlamaForCausalLM
+    from transformers import GenerationConfig
 
+    from conftest import make_tiny_llama
     from lmtune.models.loader import load_tokenizer
 
     tok = load_tokenizer("smollm2-135m-instruct")
-    torch.manual_seed(0)
-    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                      num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-                      bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
-                      pad_token_id=tok.pad_token_id, tie_word_embeddings=True, initializer_range=0.5)
-    model = LlamaForCausalLM(cfg).eval()
     tmp = path.with_name(path.name + ".tmp")
-    model.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
+    make_tiny_llama(tmp, tok, max_position_embeddings=1024, initializer_range=0.5)
     GenerationConfig(bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id,
                      pad_token_id=tok.pad_token_id).save_pretrained(tmp)
     os.replace(tmp, path)

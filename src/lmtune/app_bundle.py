@@ -14,13 +14,11 @@ The folder is built next to OUT_DIR and renamed into place, so OUT_DIR is never 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 
+from lmtune.atomic import atomic_dir
 from lmtune.errors import UserError
 from lmtune.export import save_tokenizer
 
@@ -85,9 +83,7 @@ def export_app(model: str, out_dir: str, adapter: str | None = None, title: str 
         raise UserError("the tokenizer has no chat template, so the app cannot format conversations",
                         hint="export a model trained by lmtune (it saves its chat template with the tokenizer)")
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with atomic_dir(out) as tmp:
         model_dir = tmp / "model"
         lm.save_pretrained(model_dir, safe_serialization=True, max_shard_size=max_shard_size)
         save_tokenizer(tokenizer, model_dir)
@@ -110,29 +106,10 @@ def export_app(model: str, out_dir: str, adapter: str | None = None, title: str 
             "dtype": str(next(lm.parameters()).dtype).replace("torch.", ""),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }, indent=2) + "\n", encoding="utf-8")
-        _replace_dir(tmp, out)
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        _check_out_dir(out)  # again: something may have appeared while we worked
     _log(f"exported to {out} ({time.time() - t0:.0f} s). Run it: cd {out} && pip install -r requirements.txt "
          "&& python app.py")
     return out
-
-
-def _replace_dir(new: Path, out: Path) -> None:
-    """Move `new` to `out`; a previous export at `out` is replaced only after `new` is complete."""
-    _check_out_dir(out)  # again: something may have appeared while we worked
-    if not out.exists():
-        os.replace(new, out)
-        return
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
-    os.replace(out, old)
-    try:
-        os.replace(new, out)
-    except BaseException:
-        os.replace(old, out)
-        raise
-    shutil.rmtree(old, ignore_errors=True)
 
 
 README = """# {title}

@@ -24,7 +24,11 @@ def atomic_dir(out: str | Path):
             if old.exists():
                 shutil.rmtree(old)
             os.replace(out, old)
-            os.replace(tmp, out)
+            try:
+                os.replace(tmp, out)
+            except BaseException:
+                os.replace(old, out)  # put the previous folder back
+                raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)

@@ -8,11 +8,11 @@ def stop_token_ids(tokenizer, stop_words: list[str]) -> list[int]:
     ids: list[int] = []
     if tokenizer.eos_token_id is not None:
         ids.append(int(tokenizer.eos_token_id))
+    vocab = tokenizer.get_vocab()  # membership, not convert_tokens_to_ids: a stop word may be the unk token
     for word in stop_words:
-        tid = tokenizer.convert_tokens_to_ids(word)
-        unk = getattr(tokenizer, "unk_token_id", None)
-        if isinstance(tid, int) and tid >= 0 and tid != unk and tid not in ids:
-            ids.append(tid)
+        tid = vocab.get(word)
+        if tid is not None and tid not in ids:
+            ids.append(int(tid))
     return ids
 
 

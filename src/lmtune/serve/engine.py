@@ -21,7 +21,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from lmtune.data.templates import get_template
 from lmtune.errors import UserError
+from lmtune.models.generation import stop_token_ids
 
 FINISH_STOP = "stop"
 FINISH_LENGTH = "length"
@@ -60,34 +62,6 @@ def read_lmtune_json(*folders: str | None) -> dict:
                 raise UserError(f"lmtune.json is not valid JSON: {e}", where=str(f)) from None
             merged.update({k: v for k, v in data.items() if v is not None})
     return merged
-
-
-class _TokenizerTemplate:
-    """The tokenizer's own chat template ("auto"), used until/unless lmtune.data.templates exists."""
-
-    def __init__(self, tokenizer):
-        if not getattr(tokenizer, "chat_template", None):
-            raise UserError(
-                "this tokenizer has no chat template",
-                hint="pass --prompt-template NAME (e.g. chatml, llama3, qwen) to pick one",
-            )
-        self.tokenizer = tokenizer
-        self.stop_words: list[str] = []
-
-    def render(self, messages, add_generation_prompt=False) -> str:
-        return self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
-
-
-def load_template(name: str, tokenizer):
-    try:
-        from lmtune.data.templates import get_template
-    except ImportError:
-        get_template = None
-    if get_template is not None:
-        return get_template(name, tokenizer=tokenizer)
-    if name != "auto":
-        raise UserError(f"unknown prompt template '{name}'", hint="use --prompt-template auto")
-    return _TokenizerTemplate(tokenizer)
 
 
 # --------------------------------------------------------------------------- one request's output
@@ -281,7 +255,7 @@ class Engine:
         lm = load_model(path, dtype=dtype, quantization=quantization, device=device, adapter=adapter,
                         trust_remote_code=trust_remote_code)
         lm.eval()
-        template = load_template(prompt_template or meta.get("prompt_template") or "auto", tokenizer)
+        template = get_template(prompt_template or meta.get("prompt_template") or "auto", tokenizer)
         return cls(
             lm, tokenizer, template,
             system=system if system is not None else meta.get("system"),
@@ -291,18 +265,14 @@ class Engine:
         )
 
     def _eos_ids(self) -> list[int]:
-        ids: set[int] = set()
+        # The generation config's eos ids, plus EOS and every stop word that is a single token
+        # (e.g. <|im_end|> on a model whose eos is <|endoftext|>): stopping at the token level is
+        # what keeps a re-templated model from talking on.
         gc = getattr(self.model, "generation_config", None)
-        for source in (getattr(gc, "eos_token_id", None), self.tokenizer.eos_token_id):
-            if isinstance(source, int):
-                ids.add(source)
-            elif source:
-                ids.update(int(i) for i in source)
-        # A stop word that is one token (e.g. <|im_end|> on a model whose eos is <|endoftext|>)
-        # stops at the token level: that is what keeps a re-templated model from talking on.
-        vocab = self.tokenizer.get_vocab()
-        ids.update(vocab[w] for w in self.stop_words if w in vocab)
-        return sorted(ids)
+        configured = getattr(gc, "eos_token_id", None)
+        ids = set([configured] if isinstance(configured, int) else (configured or []))
+        ids.update(stop_token_ids(self.tokenizer, self.stop_words))
+        return sorted(int(i) for i in ids)
 
     def _context_window(self) -> int:
         cfg = getattr(self.model, "config", None)
