@@ -14,6 +14,17 @@ MODELS = {
     "qwen2_5_7b_instruct": ("Qwen/Qwen2.5-7B-Instruct", "chatml", 2048, 1e-5, 2e-4),
     "llama3_8b_instruct": ("meta-llama/Meta-Llama-3-8B-Instruct", "llama3_chat", 2048, 1e-5, 2e-4),
     "llama3_2_3b_instruct": ("meta-llama/Llama-3.2-3B-Instruct", "llama3_chat", 2048, 1e-5, 2e-4),
+    "internlm2_chat_1_8b": ("internlm/internlm2-chat-1_8b", "internlm2_chat", 2048, 1e-5, 2e-4),
+    "internlm2_chat_7b": ("internlm/internlm2-chat-7b", "internlm2_chat", 2048, 1e-5, 2e-4),
+    "internlm2_5_chat_7b": ("internlm/internlm2_5-7b-chat", "internlm2_chat", 2048, 1e-5, 2e-4),
+}
+# Extra lines for a model family's docstring.
+NOTES = {
+    "internlm2": (
+        "\nlmtune loads InternLM2-family checkpoints natively (no trust_remote_code): the fused wqkv is split\n"
+        "into a Llama-layout model at load time. Export writes the native layout by default, or the InternLM2\n"
+        "layout with `--save-format internlm2`; see docs/internlm2.md.\n"
+    ),
 }
 DATA = {
     "custom": ("data/my_conversations.jsonl", "openai",
@@ -30,7 +41,7 @@ METHODS = {
 }
 
 TEMPLATE = '''"""{title}
-
+{note}
 Copy and edit: `lmtune copy-cfg {name} ./config`, then change PART 1 (model path, data path,
 system prompt, evaluation questions) and run `lmtune train ./config/{name}_copy.py`.
 """
@@ -91,8 +102,9 @@ def main():
                 name = f"{mname}_{meth}_{dname}"
                 lora_block = "" if m["method"] == "full" else (
                     'lora_r = 64\nlora_alpha = 16\nlora_dropout = 0.1\nlora_target_modules = "all-linear"\n')
+                note = next((v for k, v in NOTES.items() if mname.startswith(k)), "")
                 text = TEMPLATE.format(
-                    title=f"{hub}: {meth} fine-tuning on {dname} data.", name=name, model=hub,
+                    note=note, title=f"{hub}: {meth} fine-tuning on {dname} data.", name=name, model=hub,
                     data_path=dpath, data_format=dformat, data_note=dnote, template=template,
                     max_length=max_len, method=m["method"], quantization=m["quantization"],
                     quant_note="  # QLoRA: 4-bit NF4 base + LoRA (needs bitsandbytes)" if meth == "qlora" else "",

@@ -1,4 +1,4 @@
-"""InternLM2.5-7B-Chat (internlm/internlm2_5-7b-chat): QLoRA on your own conversations (OpenAI messages format).
+"""internlm/internlm2_5-7b-chat: qlora fine-tuning on custom data.
 
 lmtune loads InternLM2-family checkpoints natively (no trust_remote_code): the fused wqkv is split
 into a Llama-layout model at load time. Export writes the native layout by default, or the InternLM2
@@ -11,25 +11,25 @@ system prompt, evaluation questions) and run `lmtune train ./config/internlm2_5_
 #######################################################################
 #                          PART 1  Settings                           #
 #######################################################################
-model = 'internlm/internlm2_5-7b-chat'  # a hub id, or the local folder you downloaded it to
-datasets = [dict(path='data/my_conversations.jsonl', format='openai')]  # one JSON object per line: {"messages": [{"role": "user", "content": ...}, ...]}
-prompt_template = 'internlm2_chat'  # <|im_start|>role\n...<|im_end|>\n, stops at <|im_end|>
-system = None  # e.g. "You are an AI assistant whose name is InternLM (书生·浦语)."
+model = 'internlm/internlm2_5-7b-chat'  # a local folder, a hub id or a .gguf file
+datasets = [dict(path='data/my_conversations.jsonl', format='openai')]  # your own conversations, one JSON object per line: {"messages": [...]}
+prompt_template = 'internlm2_chat'
+system = None  # e.g. "You are a helpful assistant."
 max_length = 2048
 pack_to_max_length = True
 
-evaluation_freq = 500
-evaluation_inputs = ["请给我介绍五个上海的景点", "Please tell me five scenic spots in Shanghai"]
+evaluation_freq = 200
+evaluation_inputs = ["Please introduce yourself.", "请你介绍一下你自己"]
 
 #######################################################################
 #                     PART 2  Model & Tokenizer                       #
 #######################################################################
 method = 'lora'
-quantization = 'nf4'  # QLoRA: 4-bit NF4 base + LoRA (needs bitsandbytes and a GPU)
+quantization = 'nf4'  # QLoRA: 4-bit NF4 base + LoRA (needs bitsandbytes)
 lora_r = 64
 lora_alpha = 16
 lora_dropout = 0.1
-lora_target_modules = "all-linear"  # q/k/v/o and gate/up/down of the native (split) layout
+lora_target_modules = "all-linear"
 torch_dtype = "auto"
 gradient_checkpointing = True
 
@@ -42,7 +42,7 @@ shuffle_before_pack = True
 #######################################################################
 #                  PART 4  Optimizer & Schedule                       #
 #######################################################################
-lr = 2e-04
+lr = 0.0002
 batch_size = 1  # per device, in packed rows
 accumulative_counts = 16
 max_epochs = 3
