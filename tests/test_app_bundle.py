@@ -14,7 +14,7 @@ import pytest
 sys.path.insert(0, os.path.dirname(__file__))
 from test_serve_common import ENV, ROOT, free_port, tiny_model  # noqa: E402,F401
 
-from lmtune.app_bundle import export_app  # noqa: E402
+from lmtune.export.app import export_app  # noqa: E402
 from lmtune.errors import UserError  # noqa: E402
 
 TORCH_WHEEL_DIR = "/opt/wheels"  # where these machines keep the CPU torch wheel

@@ -216,7 +216,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         return serve_command(args)
     if cmd == "export":
         if args.export_command == "app":
-            from lmtune.app_bundle import export_app
+            from lmtune.export.app import export_app
 
             export_app(args.model, args.out_dir, adapter=args.adapter, title=args.title,
                        max_shard_size=args.max_shard_size)

@@ -20,7 +20,7 @@ from pathlib import Path
 
 from lmtune.atomic import atomic_dir
 from lmtune.errors import UserError
-from lmtune.export import save_tokenizer
+from lmtune.export.hf import save_tokenizer
 
 MARKER = "lmtune-app.json"
 
