@@ -1,4 +1,4 @@
-"""The `lmtune data` commands: self-cognition, replace, check, show."""
+"""The `lmtune data` commands: self-cognition, replace, prepare, check, show."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from lmtune.data import self_cognition_train_phrases as P
+from lmtune.data.tokenize import IGNORE_INDEX
 from lmtune.errors import UserError
 
 MASK_OPEN, MASK_CLOSE = "[[", "]]"  # `data show --show masked_text` wraps text without loss in these
@@ -147,14 +148,15 @@ def _load(cfg):
     return tokenizer, get_template(cfg.prompt_template, tokenizer)
 
 
-def histogram(lengths: list[int], max_length: int, buckets: int = 8, width: int = 40) -> str:
-    """A text histogram of token lengths, in equal buckets from 0 to max_length."""
-    if not lengths:
+def histogram(lengths, max_length: int, buckets: int = 8, width: int = 40) -> str:
+    """A text histogram of token lengths (a sequence or an array), in equal buckets up to max_length."""
+    import numpy as np
+
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if not len(lengths):
         return "  (no samples)"
     step = max(1, -(-max_length // buckets))
-    counts = [0] * buckets
-    for n in lengths:
-        counts[min((n - 1) // step, buckets - 1)] += 1
+    counts = np.bincount(np.minimum((lengths - 1) // step, buckets - 1), minlength=buckets).tolist()
     top = max(counts)
     lines = []
     for b, c in enumerate(counts):
@@ -164,16 +166,35 @@ def histogram(lengths: list[int], max_length: int, buckets: int = 8, width: int 
     return "\n".join(lines)
 
 
+def prepare_command(cfg) -> int:
+    """Build (or find) the token stores and rows of a config's data, ahead of training."""
+    from lmtune.data.dataset import build_dataset
+
+    tokenizer, template = _load(cfg)
+    data = build_dataset(cfg, tokenizer, template)
+    st = data.stats
+    print(f"data: {st['conversations']} conversations -> {st['samples']} samples, {st['tokens']} tokens "
+          f"({st['loss_tokens']} carry loss) -> {st['rows']} rows"
+          + (f" ({'packed' if data.packed else 'unpacked'}, max_length {cfg.max_length})"))
+    if data.val_rows is not None:
+        v = st["val"]
+        print(f"validation: {v['conversations']} conversations, {v['tokens']} tokens, {v['rows']} rows")
+    print(f"store: {st['cache_path']} ({'already prepared' if st['cache'] == 'hit' else 'prepared now'}); "
+          "`lmtune train` with this config uses it as it is")
+    return 0
+
+
 def check_command(cfg) -> int:
-    """Validate every record of the config's data and print statistics; 0 if fine, 2 if not."""
-    from lmtune.data.dataset import encode_all, load_conversations, summarize
-    from lmtune.data.tokenize import pack
+    """Validate every record of the config's data and print statistics; 0 if fine, 2 if not.
+
+    The data is encoded into token stores as for training (with bad records skipped and reported);
+    stores of clean data go into the cache, so training reuses them."""
+    from lmtune.data.dataset import build_dataset
 
     tokenizer, template = _load(cfg)
     errors: list[UserError] = []
-    convs, sources = load_conversations(cfg, template, errors)
-    encoded = encode_all(convs, tokenizer, template, cfg.max_length, cfg.num_proc)
-    samples, stats = summarize(convs, encoded)
+    data = build_dataset(cfg, tokenizer, template, errors=errors)
+    stats, sources = data.stats, data.stats["sources"]
 
     print(f"template: {template.name}   stop words: {', '.join(template.stop_words)}   max_length: {cfg.max_length}")
     print("sources:")
@@ -194,13 +215,15 @@ def check_command(cfg) -> int:
     print(f"truncated: {stats['truncated']} (a trained turn or part of one was cut to fit max_length)")
     share = stats["loss_tokens"] / stats["tokens"] if stats["tokens"] else 0.0
     print(f"tokens: {stats['tokens']}, carrying loss: {stats['loss_tokens']} ({share:.1%})")
-    if samples and cfg.pack_to_max_length:
-        rows = pack(samples, cfg.max_length, cfg.shuffle_before_pack, cfg.seed)
-        fill = stats["tokens"] / (len(rows) * cfg.max_length)
-        print(f"packed: {len(rows)} rows of {cfg.max_length} tokens, {fill:.1%} full")
+    if stats["samples"] and cfg.pack_to_max_length:
+        fill = stats["tokens"] / (stats["rows"] * cfg.max_length)
+        print(f"packed: {stats['rows']} rows of {cfg.max_length} tokens, {fill:.1%} full")
+    if "val" in stats:
+        v = stats["val"]
+        print(f"validation: {v['conversations']} conversations, {v['samples']} samples, {v['tokens']} tokens")
     print("token length histogram:")
-    print(histogram(stats["lengths"], cfg.max_length))
-    if errors or not samples:
+    print(histogram(data.sample_lengths(), cfg.max_length))
+    if errors or not stats["samples"]:
         print("data check: PROBLEMS FOUND" if errors else "data check: no usable samples")
         return 2
     print("data check: OK")
@@ -208,47 +231,37 @@ def check_command(cfg) -> int:
 
 
 def show_command(cfg, mode: str = "masked_text", n: int = 2) -> int:
-    """Print the first `n` samples after mixing as the trainer sees them.
+    """Print the first `n` samples in training order (before packing), as the trainer sees them.
 
     masked_text prints the decoded text with every part that carries NO loss wrapped in [[ ]], so
     what is outside the brackets is exactly what the model is trained to produce.
     """
-    from lmtune.data.dataset import load_conversations
-    from lmtune.data.tokenize import IGNORE_INDEX, encode_conversation
+    from lmtune.data.dataset import build_dataset
 
     if mode not in ("text", "masked_text", "input_ids", "labels"):
         raise UserError(f"unknown --show mode '{mode}'", hint="use text, masked_text, input_ids or labels")
     tokenizer, template = _load(cfg)
-    convs, _ = load_conversations(cfg, template)
-    shown = 0
-    for conv in convs:
-        if shown >= n:
-            break
-        enc = encode_conversation(conv, tokenizer, template, cfg.max_length)
-        if enc.skipped:
-            print(f"=== {conv.source}: skipped ({enc.skipped})")
-            continue
-        for sample in enc.samples[: n - shown]:
-            ids, labels = sample["input_ids"], sample["labels"]
-            k = sum(1 for x in labels if x != IGNORE_INDEX)
-            print(f"=== sample {shown + 1} ({conv.source}): {len(ids)} tokens, {k} carry loss"
-                  + (", truncated" if enc.truncated else "") + " ===")
-            if mode == "text":
-                print(tokenizer.decode(ids))
-            elif mode == "input_ids":
-                print(ids)
-            elif mode == "labels":
-                print(labels)
-            else:
-                print(masked_text(ids, labels, tokenizer))
-            shown += 1
+    data = build_dataset(cfg, tokenizer, template)
+    for shown, sample in enumerate(data.samples_in_order(n)):
+        ids, labels = sample["input_ids"], sample["labels"]
+        k = sum(1 for x in labels if x != IGNORE_INDEX)
+        print(f"=== sample {shown + 1} ({sample['source']}): {len(ids)} tokens, {k} carry loss"
+              + (", truncated" if sample["truncated"] else "") + " ===")
+        if mode == "text":
+            print(tokenizer.decode(ids))
+        elif mode == "input_ids":
+            print(ids)
+        elif mode == "labels":
+            print(labels)
+        else:
+            print(masked_text(ids, labels, tokenizer))
+    for ex in data.stats["skipped_examples"][:n]:
+        print(f"=== {ex['source']}: skipped ({ex['reason']})")
     return 0
 
 
 def masked_text(ids: list[int], labels: list[int], tokenizer) -> str:
     """Decoded text with the spans that carry no loss wrapped in [[ ]]."""
-    from lmtune.data.tokenize import IGNORE_INDEX
-
     out, start = [], 0
     for i in range(1, len(ids) + 1):
         if i == len(ids) or (labels[i] == IGNORE_INDEX) != (labels[start] == IGNORE_INDEX):
