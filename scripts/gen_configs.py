@@ -27,12 +27,13 @@ NOTES = {
     ),
 }
 DATA = {
-    "custom": ("data/my_conversations.jsonl", "openai",
+    # name: (the datasets entry, what it is)
+    "custom": ("dict(path='data/my_conversations.jsonl', format='openai')",
                "your own conversations, one JSON object per line: {\"messages\": [...]}"),
-    "alpaca": ("data/alpaca_data.json", "alpaca",
-               "Alpaca-style records: instruction / input / output (e.g. tatsu-lab/alpaca, saved locally)"),
-    "oasst1": ("data/oasst1.jsonl", "oasst1",
-               "guanaco-style '### Human: ... ### Assistant: ...' text (e.g. timdettmers/openassistant-guanaco)"),
+    "alpaca": ("dict(path='tatsu-lab/alpaca', split='train', format='alpaca')",
+               "the hub data set (downloaded once; or a local file / save_to_disk folder), see docs/data.md"),
+    "oasst1": ("dict(path='timdettmers/openassistant-guanaco', split='train', format='oasst1')",
+               "guanaco-style '### Human: ... ### Assistant: ...' text from the hub, see docs/data.md"),
 }
 METHODS = {
     "full": dict(method="full", quantization="none", batch_size=1, accumulative_counts=16, gc=True),
@@ -50,7 +51,7 @@ system prompt, evaluation questions) and run `lmtune train ./config/{name}_copy.
 #                          PART 1  Settings                           #
 #######################################################################
 model = {model!r}  # a local folder, a hub id or a .gguf file
-datasets = [dict(path={data_path!r}, format={data_format!r})]  # {data_note}
+datasets = [{data_entry}]  # {data_note}
 prompt_template = {template!r}
 system = None  # e.g. "You are a helpful assistant."
 max_length = {max_length}
@@ -98,14 +99,14 @@ def main():
     n = 0
     for mname, (hub, template, max_len, lr_full, lr_lora) in MODELS.items():
         for meth, m in METHODS.items():
-            for dname, (dpath, dformat, dnote) in DATA.items():
+            for dname, (dentry, dnote) in DATA.items():
                 name = f"{mname}_{meth}_{dname}"
                 lora_block = "" if m["method"] == "full" else (
                     'lora_r = 64\nlora_alpha = 16\nlora_dropout = 0.1\nlora_target_modules = "all-linear"\n')
                 note = next((v for k, v in NOTES.items() if mname.startswith(k)), "")
                 text = TEMPLATE.format(
                     note=note, title=f"{hub}: {meth} fine-tuning on {dname} data.", name=name, model=hub,
-                    data_path=dpath, data_format=dformat, data_note=dnote, template=template,
+                    data_entry=dentry, data_note=dnote, template=template,
                     max_length=max_len, method=m["method"], quantization=m["quantization"],
                     quant_note="  # QLoRA: 4-bit NF4 base + LoRA (needs bitsandbytes)" if meth == "qlora" else "",
                     lora_block=lora_block, gc=m["gc"], lr=lr_full if meth == "full" else lr_lora,

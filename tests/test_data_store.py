@@ -380,3 +380,19 @@ def test_interrupted_prepare_resumes_to_the_same_store(tmp_path, tiny_model_dir,
     assert {k: v["sha256"] for k, v in a["files"].items()} == {k: v["sha256"] for k, v in b["files"].items()}
     assert a["chunk"] == 8 and b["chunk"] != 8  # the store does not depend on how it was chunked
     assert len(whole.rows) > 0
+
+
+def test_prepare_hashes_the_store_in_full(files, smol_tokenizer, cache_home, capsys):
+    """A change that keeps a file's size and mtime passes the quick seal check of a training start;
+    `lmtune data prepare` (verify=True) hashes every file and rebuilds."""
+    tpl = get_template("chatml", smol_tokenizer)
+    cfg = validate({"datasets": [files["sharegpt"]], "max_length": 64})
+    good = list(build_dataset(cfg, smol_tokenizer, tpl).rows)
+    tok = _tok_store(cache_home)
+    stat = (tok / "input_ids.bin").stat()
+    _damage_flip(tok, None)
+    os.utime(tok / "input_ids.bin", ns=(stat.st_atime_ns, stat.st_mtime_ns))
+    capsys.readouterr()
+    again = build_dataset(cfg, smol_tokenizer, tpl, verify=True)
+    assert "damaged or not this data's; rebuilding it" in capsys.readouterr().err
+    assert list(again.rows) == good

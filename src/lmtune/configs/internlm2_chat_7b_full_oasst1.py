@@ -12,7 +12,7 @@ system prompt, evaluation questions) and run `lmtune train ./config/internlm2_ch
 #                          PART 1  Settings                           #
 #######################################################################
 model = 'internlm/internlm2-chat-7b'  # a local folder, a hub id or a .gguf file
-datasets = [dict(path='data/oasst1.jsonl', format='oasst1')]  # guanaco-style '### Human: ... ### Assistant: ...' text (e.g. timdettmers/openassistant-guanaco)
+datasets = [dict(path='timdettmers/openassistant-guanaco', split='train', format='oasst1')]  # guanaco-style '### Human: ... ### Assistant: ...' text from the hub, see docs/data.md
 prompt_template = 'internlm2_chat'
 system = None  # e.g. "You are a helpful assistant."
 max_length = 2048

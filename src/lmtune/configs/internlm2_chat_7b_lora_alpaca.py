@@ -12,7 +12,7 @@ system prompt, evaluation questions) and run `lmtune train ./config/internlm2_ch
 #                          PART 1  Settings                           #
 #######################################################################
 model = 'internlm/internlm2-chat-7b'  # a local folder, a hub id or a .gguf file
-datasets = [dict(path='data/alpaca_data.json', format='alpaca')]  # Alpaca-style records: instruction / input / output (e.g. tatsu-lab/alpaca, saved locally)
+datasets = [dict(path='tatsu-lab/alpaca', split='train', format='alpaca')]  # the hub data set (downloaded once; or a local file / save_to_disk folder), see docs/data.md
 prompt_template = 'internlm2_chat'
 system = None  # e.g. "You are a helpful assistant."
 max_length = 2048

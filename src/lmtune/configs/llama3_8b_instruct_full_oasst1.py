@@ -8,7 +8,7 @@ system prompt, evaluation questions) and run `lmtune train ./config/llama3_8b_in
 #                          PART 1  Settings                           #
 #######################################################################
 model = 'meta-llama/Meta-Llama-3-8B-Instruct'  # a local folder, a hub id or a .gguf file
-datasets = [dict(path='data/oasst1.jsonl', format='oasst1')]  # guanaco-style '### Human: ... ### Assistant: ...' text (e.g. timdettmers/openassistant-guanaco)
+datasets = [dict(path='timdettmers/openassistant-guanaco', split='train', format='oasst1')]  # guanaco-style '### Human: ... ### Assistant: ...' text from the hub, see docs/data.md
 prompt_template = 'llama3_chat'
 system = None  # e.g. "You are a helpful assistant."
 max_length = 2048

@@ -8,7 +8,7 @@ system prompt, evaluation questions) and run `lmtune train ./config/qwen2_5_1_5b
 #                          PART 1  Settings                           #
 #######################################################################
 model = 'Qwen/Qwen2.5-1.5B-Instruct'  # a local folder, a hub id or a .gguf file
-datasets = [dict(path='data/alpaca_data.json', format='alpaca')]  # Alpaca-style records: instruction / input / output (e.g. tatsu-lab/alpaca, saved locally)
+datasets = [dict(path='tatsu-lab/alpaca', split='train', format='alpaca')]  # the hub data set (downloaded once; or a local file / save_to_disk folder), see docs/data.md
 prompt_template = 'chatml'
 system = None  # e.g. "You are a helpful assistant."
 max_length = 2048

@@ -8,7 +8,7 @@ system prompt, evaluation questions) and run `lmtune train ./config/qwen2_5_7b_i
 #                          PART 1  Settings                           #
 #######################################################################
 model = 'Qwen/Qwen2.5-7B-Instruct'  # a local folder, a hub id or a .gguf file
-datasets = [dict(path='data/oasst1.jsonl', format='oasst1')]  # guanaco-style '### Human: ... ### Assistant: ...' text (e.g. timdettmers/openassistant-guanaco)
+datasets = [dict(path='timdettmers/openassistant-guanaco', split='train', format='oasst1')]  # guanaco-style '### Human: ... ### Assistant: ...' text from the hub, see docs/data.md
 prompt_template = 'chatml'
 system = None  # e.g. "You are a helpful assistant."
 max_length = 2048

@@ -232,9 +232,9 @@ def _write_rows(folder: Path, key: str, splits: dict, meta: dict) -> dict:
     return meta
 
 
-def _read_rows(folder: Path, key: str, n_samples: int) -> Optional[tuple[dict, dict]]:
+def _read_rows(folder: Path, key: str, n_samples: int, verify: bool = False) -> Optional[tuple[dict, dict]]:
     """The rows index at `folder` if it is whole, built for `key`, and within the stores' samples."""
-    meta = read_meta(folder, key, magic=ROWS_MAGIC, version=CACHE_VERSION)
+    meta = read_meta(folder, key, magic=ROWS_MAGIC, version=CACHE_VERSION, verify=verify)
     if meta is None:
         return None
     try:
@@ -263,7 +263,7 @@ def _no_samples(cfg, stats: dict) -> UserError:
 
 
 def _open_sources(entries: list, cfg, tokenizer, template, root: Path, use_lock: bool, errors, log, tok_fp,
-                  name: str = "datasets"):
+                  name: str = "datasets", verify: bool = False):
     """The token store of each entry (built if needed); with `errors`, a source that cannot be read
     at all is reported there and left out. Returns (Sources, keys, [(index, path, read, errors, opened)])."""
     where = cfg._source or "config"
@@ -275,7 +275,8 @@ def _open_sources(entries: list, cfg, tokenizer, template, root: Path, use_lock:
             check_format(entry.get("format") or cfg.data_format, where=f"{here[:-1]}.format)")
             key = source_key(entry, cfg, tokenizer, template, LM_SCHEMA, tok_fp, here)
             with (_lock(f"tok-{key}") if use_lock else _nolock()):
-                store = build_source_store(entry, here, cfg, tokenizer, template, key, root, errors=errors, log=log)
+                store = build_source_store(entry, here, cfg, tokenizer, template, key, root, errors=errors, log=log,
+                                           verify=verify)
         except UserError as e:
             if errors is None:
                 raise
@@ -298,11 +299,13 @@ def _nolock():
 
 
 def build_dataset(cfg, tokenizer, template: ChatTemplate, use_cache: bool = True, errors: Optional[list] = None,
-                  log=None) -> TrainData:
+                  log=None, verify: bool = False) -> TrainData:
     """The rows to train on (and validation rows), with statistics. See the module docstring.
 
     use_cache=False builds in a temporary folder, removed when the rows are no longer used.
     With `errors` (data check), bad records are collected and skipped (such a store is never cached).
+    `verify`: hash cached stores in full before using them (by default a store whose files keep
+    their recorded size and mtime is trusted; see store.py).
     """
     where = cfg._source or "config"
     if not cfg.datasets:
@@ -313,9 +316,9 @@ def build_dataset(cfg, tokenizer, template: ChatTemplate, use_cache: bool = True
     tok_fp = _tokenizer_fingerprint(tokenizer)
     try:
         train_src, train_keys, info = _open_sources(cfg.datasets, cfg, tokenizer, template, root, use_cache, errors,
-                                                    log, tok_fp)
+                                                    log, tok_fp, verify=verify)
         val_src, val_keys, _ = _open_sources(cfg.val_datasets, cfg, tokenizer, template, root, use_cache, errors,
-                                             log, tok_fp, name="val_datasets")
+                                             log, tok_fp, name="val_datasets", verify=verify)
         packed = bool(cfg.pack_to_max_length)
         settings = {"v": CACHE_VERSION, "train": train_keys, "val": val_keys, "factors": factors, "seed": cfg.seed,
                     "pack": packed, "shuffle": cfg.shuffle_before_pack, "max_length": cfg.max_length,
@@ -324,7 +327,7 @@ def build_dataset(cfg, tokenizer, template: ChatTemplate, use_cache: bool = True
         folder = root / f"rows-{key}"
         n_samples = int(train_src.sample_base[-1] + val_src.sample_base[-1])
         with (_lock(f"rows-{key}") if use_cache else _nolock()):
-            found = _read_rows(folder, key, n_samples) if errors is None else None
+            found = _read_rows(folder, key, n_samples, verify) if errors is None else None
             if found is None:
                 if folder.exists():
                     _log(log, f"data: the rows index {folder} is damaged or not this data's; rebuilding it")

@@ -157,18 +157,19 @@ def _chunk_size(entry, fmt, where) -> int:
 
 def build_source_store(entry: dict, where: str, cfg, tokenizer, template, key: str, root: Path,
                        errors: Optional[list] = None, encode: Optional[Callable] = None,
-                       schema: Optional[dict] = None, log=None):
+                       schema: Optional[dict] = None, log=None, verify: bool = False):
     """The token store of one source (`where` names it in messages, e.g. "cfg.py (datasets[0])"),
     encoded now unless a valid one exists under `root`.
 
     With `errors` (data check), bad records are collected and skipped, and a store made from data
     with errors is built in a temporary folder (returned, never published to the cache).
+    `verify`: hash an existing store's files in full before trusting it (`data prepare` does).
     """
     log = log or (lambda msg: print(f"[lmtune] {msg}", file=sys.stderr, flush=True))
     schema = schema or LM_SCHEMA
     fmt = entry.get("format") or cfg.data_format
     final = root / f"tok-{key}"
-    store = open_store(final, key)
+    store = open_store(final, key, verify=verify)
     if store is not None:
         return store
     if final.exists():

@@ -258,11 +258,13 @@ class TokenStore:
             raise ValueError("per-conversation or per-sample arrays have the wrong length")
 
 
-def read_meta(path: Path, key: str, magic: str = MAGIC, version: int = VERSION) -> Optional[dict]:
+def read_meta(path: Path, key: str, magic: str = MAGIC, version: int = VERSION, verify: bool = False
+              ) -> Optional[dict]:
     """meta.json of a sealed folder, or None if it is missing, foreign, or a file differs from it.
 
-    A file with the recorded size and mtime is taken as written; one whose mtime changed (a copy,
-    an edit) is hashed in full: if its content still matches, the folder is resealed."""
+    A file with the recorded size and mtime is taken as written (`verify`: hashed all the same);
+    one whose mtime changed (a copy, an edit) is hashed in full: if its content still matches,
+    the folder is resealed."""
     try:
         meta = json.loads((path / "meta.json").read_text(encoding="utf-8"))
         if meta.get("magic") != magic or meta.get("version") != version or meta.get("key") != key:
@@ -272,9 +274,10 @@ def read_meta(path: Path, key: str, magic: str = MAGIC, version: int = VERSION) 
             st = (path / name).stat()
             if st.st_size != info["size"]:
                 return None
-            if st.st_mtime_ns != info["mtime_ns"]:
+            if st.st_mtime_ns != info["mtime_ns"] or verify:
                 if _sha256_file(path / name) != info["sha256"]:
                     return None
+            if st.st_mtime_ns != info["mtime_ns"]:
                 info["mtime_ns"] = st.st_mtime_ns
                 changed = True
         if changed:
@@ -284,9 +287,9 @@ def read_meta(path: Path, key: str, magic: str = MAGIC, version: int = VERSION) 
         return None
 
 
-def open_store(path: Path, key: str) -> Optional[TokenStore]:
+def open_store(path: Path, key: str, verify: bool = False) -> Optional[TokenStore]:
     """The store at `path` if it is whole and was built for `key`; None otherwise."""
-    meta = read_meta(path, key)
+    meta = read_meta(path, key, verify=verify)
     if meta is None:
         return None
     try:

@@ -171,7 +171,7 @@ def prepare_command(cfg) -> int:
     from lmtune.data.dataset import build_dataset
 
     tokenizer, template = _load(cfg)
-    data = build_dataset(cfg, tokenizer, template)
+    data = build_dataset(cfg, tokenizer, template, verify=True)  # an existing store is hashed in full
     st = data.stats
     print(f"data: {st['conversations']} conversations -> {st['samples']} samples, {st['tokens']} tokens "
           f"({st['loss_tokens']} carry loss) -> {st['rows']} rows"
