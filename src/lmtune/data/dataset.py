@@ -35,7 +35,8 @@ from lmtune.data import hub
 from lmtune.data.conversation import Conversation, Message
 from lmtune.data.formats import check_format, list_files, read_conversations
 from lmtune.data.mix import Sources, StoreRows, held_out, make_rows, mix_order, statistics
-from lmtune.data.prepare import LM_SCHEMA, build_source_store, prepare_conversation
+from lmtune.data.kinds import RowKind, kind_for
+from lmtune.data.prepare import build_source_store, prepare_conversation
 from lmtune.data.store import _Appender, _write_meta, read_meta, remove
 from lmtune.data.templates import ChatTemplate
 from lmtune.errors import UserError
@@ -263,7 +264,7 @@ def _no_samples(cfg, stats: dict) -> UserError:
 
 
 def _open_sources(entries: list, cfg, tokenizer, template, root: Path, use_lock: bool, errors, log, tok_fp,
-                  name: str = "datasets", verify: bool = False):
+                  kind: RowKind, name: str = "datasets", verify: bool = False):
     """The token store of each entry (built if needed); with `errors`, a source that cannot be read
     at all is reported there and left out. Returns (Sources, keys, [(index, path, read, errors, opened)])."""
     where = cfg._source or "config"
@@ -273,10 +274,10 @@ def _open_sources(entries: list, cfg, tokenizer, template, root: Path, use_lock:
         here = f"{where} ({name}[{i}])"
         try:
             check_format(entry.get("format") or cfg.data_format, where=f"{here[:-1]}.format)")
-            key = source_key(entry, cfg, tokenizer, template, LM_SCHEMA, tok_fp, here)
+            key = source_key(entry, cfg, tokenizer, template, kind.schema, tok_fp, here)
             with (_lock(f"tok-{key}") if use_lock else _nolock()):
-                store = build_source_store(entry, here, cfg, tokenizer, template, key, root, errors=errors, log=log,
-                                           verify=verify)
+                store = build_source_store(entry, here, cfg, tokenizer, template, key, root, errors=errors, kind=kind,
+                                           log=log, verify=verify)
         except UserError as e:
             if errors is None:
                 raise
@@ -286,7 +287,7 @@ def _open_sources(entries: list, cfg, tokenizer, template, root: Path, use_lock:
         stores.append(store)
         keys.append(key)
         info.append((i, str(entry["path"]), store.n_convs, len(errors) - n_errors if errors is not None else 0, True))
-    return Sources(stores), keys, info
+    return Sources(stores, kind), keys, info
 
 
 def _log(log, msg: str) -> None:
@@ -314,11 +315,12 @@ def build_dataset(cfg, tokenizer, template: ChatTemplate, use_cache: bool = True
     factors = [_factor(entry, i, where) for i, entry in enumerate(cfg.datasets)]
     root = cache_dir() if use_cache else Path(tempfile.mkdtemp(prefix="lmtune-data-"))
     tok_fp = _tokenizer_fingerprint(tokenizer)
+    kind = kind_for(cfg)
     try:
         train_src, train_keys, info = _open_sources(cfg.datasets, cfg, tokenizer, template, root, use_cache, errors,
-                                                    log, tok_fp, verify=verify)
+                                                    log, tok_fp, kind, verify=verify)
         val_src, val_keys, _ = _open_sources(cfg.val_datasets, cfg, tokenizer, template, root, use_cache, errors,
-                                             log, tok_fp, name="val_datasets", verify=verify)
+                                             log, tok_fp, kind, name="val_datasets", verify=verify)
         packed = bool(cfg.pack_to_max_length)
         settings = {"v": CACHE_VERSION, "train": train_keys, "val": val_keys, "factors": factors, "seed": cfg.seed,
                     "pack": packed, "shuffle": cfg.shuffle_before_pack, "max_length": cfg.max_length,
@@ -352,7 +354,7 @@ def build_dataset(cfg, tokenizer, template: ChatTemplate, use_cache: bool = True
     stats = dict(meta["stats"])
     if stats["samples"] == 0 and errors is None:
         raise _no_samples(cfg, stats)
-    all_src = Sources(train_src.stores + val_src.stores)
+    all_src = Sources(train_src.stores + val_src.stores, kind)
     if not use_cache:  # the temporary folder goes when nothing reads it any more
         weakref.finalize(all_src, remove, root)
     rows = StoreRows(all_src, *splits["train"], packed=packed, fingerprint=meta["fingerprints"]["train"])
@@ -384,7 +386,7 @@ def _mix(cfg, train: Sources, val: Sources, factors: list, store_keys: list, inf
     # global ids over train + val stores (val stores follow the train stores).
     val_convs = np.concatenate([hold, np.arange(int(val.conv_base[-1]), dtype=np.int64) + int(train.conv_base[-1])])
     if len(val_convs):
-        both = Sources(train.stores + val.stores)
+        both = Sources(train.stores + val.stores, train.kind)
         v_off, v_rows, v_samples = make_rows(both, val_convs, packed, cfg.max_length, cfg.shuffle_before_pack, cfg.seed)
         splits["val"] = (v_off, v_rows, val_convs)
         stats["val"] = {"conversations": int(len(val_convs)), "samples": int(len(v_samples)), "rows": int(len(v_off) - 1),

@@ -12,7 +12,8 @@ random.Random(seed) shuffles, best fit with the smallest room that fits, ties to
 so a row does not depend on whether the data came from memory or from the store.
 
 `StoreRows` is what training reads: a sequence of row dicts, built on access from the memory-mapped
-stores and the rows index ({"input_ids", "labels"} and, packed, "position_ids" and "seq_lens").
+stores and the rows index by the row kind (kinds.py; next-token rows: {"input_ids", "labels"} and,
+packed, "position_ids" and "seq_lens").
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from lmtune.data.prepare import SKIP_REASONS
+from lmtune.data.kinds import LM, SKIP_REASONS, RowKind
 from lmtune.data.store import TokenStore
 
 _BLOCK = 1 << 16  # values walked in Python a block at a time (never a list of all of them)
@@ -97,6 +98,7 @@ class Sources:
     """The opened token stores of some sources, seen as one: global conversation and sample ids."""
 
     stores: list[TokenStore]
+    kind: RowKind = LM
     conv_base: np.ndarray = field(init=False)
     sample_base: np.ndarray = field(init=False)
 
@@ -117,8 +119,9 @@ class Sources:
         first = np.repeat(np.cumsum(counts) - counts, counts)
         return np.repeat(starts, counts) + (np.arange(total, dtype=np.int64) - first)
 
-    def lengths(self, field: str = "input_ids") -> np.ndarray:
-        return self.concat(lambda s: np.diff(s.offsets[field]).astype(np.int32))
+    def lengths(self) -> np.ndarray:
+        """Every sample's length (the row kind's length field)."""
+        return self.concat(lambda s: np.diff(s.offsets[self.kind.length_field]).astype(np.int32))
 
     def locate(self, gid: int) -> tuple[TokenStore, int]:
         s = int(np.searchsorted(self.sample_base, gid, side="right")) - 1
@@ -206,13 +209,7 @@ class StoreRows(Sequence):
         if not 0 <= i < len(self):
             raise IndexError(f"row {i} of {len(self)}")
         parts = [self.sources.locate(int(g)) for g in self.samples[self.offsets[i]:self.offsets[i + 1]]]
-        parts = [store.sample(local) for store, local in parts]
-        if not self.packed:
-            return {"input_ids": parts[0]["input_ids"].tolist(), "labels": parts[0]["labels"].tolist()}
-        lens = [len(p["input_ids"]) for p in parts]
-        return {"input_ids": np.concatenate([p["input_ids"] for p in parts]).tolist(),
-                "labels": np.concatenate([p["labels"] for p in parts]).tolist(),
-                "position_ids": np.concatenate([np.arange(n) for n in lens]).tolist(), "seq_lens": lens}
+        return self.sources.kind.make_row([store.sample(local) for store, local in parts], self.packed)
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, Sequence) or len(other) != len(self):

@@ -21,20 +21,16 @@ import time
 from collections import deque
 from itertools import islice
 from pathlib import Path
-from typing import Callable, Iterator, Optional
+from typing import Iterator, Optional
 
 import numpy as np
 
 from lmtune.data import hub
 from lmtune.data.conversation import Conversation, Message
 from lmtune.data.formats import _conversations, check_format, iter_conversations
+from lmtune.data.kinds import LM, SKIP_REASONS, RowKind
 from lmtune.data.store import encode_samples, open_store, remove, token_dtype, write_store
-from lmtune.data.tokenize import encode_many
 from lmtune.errors import UserError
-
-LM_SCHEMA = {"input_ids": "tokens", "labels": "mask:input_ids"}
-# Why a conversation gave no sample; conv_skip stores 1 + the index (0 = it gave samples).
-SKIP_REASONS = ("prompt_too_long", "no_loss_tokens", "too_short")
 CHUNK_CHARS = 2_000_000  # aim for about this much text per chunk (bounds each worker's memory)
 CHUNK_MAX = 4096  # conversations per chunk, at most
 
@@ -73,20 +69,17 @@ def iter_source(entry: dict, default_format: str, where: str, skip: int = 0, err
 # --------------------------------------------------------------------------- encoding a chunk
 
 
-# (cfg, tokenizer, template, encode, schema, vocab_size, shard folder): set before the workers
-# fork, so only the chunk's conversations travel to them.
+# (cfg, tokenizer, template, kind, vocab_size, shard folder): set before the workers fork, so only
+# the chunk's conversations travel to them.
 _JOB: tuple = ()
 
 
-def encode_chunk(convs: list[Conversation], cfg, tokenizer, template, encode: Optional[Callable] = None,
-                 schema: Optional[dict] = None, vocab_size: Optional[int] = None) -> dict[str, np.ndarray]:
+def encode_chunk(convs: list[Conversation], cfg, tokenizer, template, kind: RowKind = LM,
+                 vocab_size: Optional[int] = None) -> dict[str, np.ndarray]:
     """The store arrays of one chunk of conversations (see store.write_store)."""
-    schema = schema or LM_SCHEMA
+    schema = kind.schema
     convs = [prepare_conversation(c, cfg, template) for c in convs]
-    if encode is None:
-        encoded = encode_many(convs, tokenizer, template, cfg.max_length, add_eos=cfg.pretrain_add_eos)
-    else:
-        encoded = encode(convs)
+    encoded = kind.encode(convs, cfg, tokenizer, template)
     samples = [s for e in encoded for s in e.samples]
     piece = encode_samples(samples, schema, token_dtype(vocab_size or len(tokenizer)))
     try:
@@ -115,8 +108,8 @@ def encode_chunk(convs: list[Conversation], cfg, tokenizer, template, encode: Op
 
 def _encode_shard(task: tuple[int, list]) -> int:
     i, convs = task
-    cfg, tokenizer, template, encode, schema, vocab_size, folder = _JOB
-    piece = encode_chunk(convs, cfg, tokenizer, template, encode, schema, vocab_size)
+    cfg, tokenizer, template, kind, vocab_size, folder = _JOB
+    piece = encode_chunk(convs, cfg, tokenizer, template, kind, vocab_size)
     _save_shard(folder, i, piece)
     return i
 
@@ -156,8 +149,7 @@ def _chunk_size(entry, fmt, where) -> int:
 
 
 def build_source_store(entry: dict, where: str, cfg, tokenizer, template, key: str, root: Path,
-                       errors: Optional[list] = None, encode: Optional[Callable] = None,
-                       schema: Optional[dict] = None, log=None, verify: bool = False):
+                       errors: Optional[list] = None, kind: RowKind = LM, log=None, verify: bool = False):
     """The token store of one source (`where` names it in messages, e.g. "cfg.py (datasets[0])"),
     encoded now unless a valid one exists under `root`.
 
@@ -166,7 +158,7 @@ def build_source_store(entry: dict, where: str, cfg, tokenizer, template, key: s
     `verify`: hash an existing store's files in full before trusting it (`data prepare` does).
     """
     log = log or (lambda msg: print(f"[lmtune] {msg}", file=sys.stderr, flush=True))
-    schema = schema or LM_SCHEMA
+    schema = kind.schema
     fmt = entry.get("format") or cfg.data_format
     final = root / f"tok-{key}"
     store = open_store(final, key, verify=verify)
@@ -188,7 +180,7 @@ def build_source_store(entry: dict, where: str, cfg, tokenizer, template, key: s
     n_errors = len(errors) if errors is not None else 0
     t0 = time.time()
     global _JOB
-    _JOB = (cfg, tokenizer, template, encode, schema, vocab, partial)
+    _JOB = (cfg, tokenizer, template, kind, vocab, partial)
     tmp = Path(tempfile.mkdtemp(prefix=f".tok-{key}.", dir=root))
     try:
         n_chunks = _encode_chunks(entry, fmt, where, R, partial, done, cfg.num_proc, errors)
