@@ -134,6 +134,54 @@ def child_start(cfg_path: str, work: str) -> dict:
             "stats": {k: trainer.data_stats.get(k) for k in ("tokens", "samples", "rows", "cache")}}
 
 
+def child_store(folder: str, n_tokens: int) -> dict:
+    """The store layer alone at a given size: write a store of random ids (documents of the same
+    length spread as the corpus), then open it, mix and pack it (the rows index) and read rows."""
+    import numpy as np
+
+    from lmtune.data.kinds import LM
+    from lmtune.data.mix import Sources, StoreRows, make_rows, mix_order
+    from lmtune.data.store import open_store, write_store
+
+    rng = np.random.default_rng(0)
+
+    def pieces():
+        left = n_tokens
+        while left > 0:
+            lengths = np.minimum(np.maximum(rng.lognormal(6.3, 1.1, 2000).astype(np.int64) + 1, 2), MAX_LENGTH)
+            lengths = lengths[np.cumsum(lengths) <= left] if lengths.sum() > left else lengths
+            if not len(lengths):
+                lengths = np.array([max(left, 2)])
+            left -= int(lengths.sum())
+            ids = rng.integers(0, 49152, int(lengths.sum()), dtype=np.uint16)
+            mask = np.ones(len(ids), np.uint8)
+            mask[np.cumsum(lengths) - lengths] = 0
+            n = len(lengths)
+            yield {"input_ids": ids, "input_ids.len": lengths, "labels": mask, "conv_nsamples": np.ones(n, np.int64),
+                   "conv_skip": np.zeros(n, np.uint8), "conv_trunc": np.zeros(n, np.uint8),
+                   "conv_where": np.zeros(0, np.uint8), "conv_where.len": np.zeros(n, np.int64),
+                   "sample_loss": lengths - 1}
+
+    t = time.time()
+    write_store(Path(folder), "bench", LM.schema, 49152, pieces())
+    write_s = time.time() - t
+    rss_write = _peak_mb(resource.RUSAGE_SELF)
+    t = time.time()
+    store = open_store(Path(folder), "bench")
+    src = Sources([store])
+    order, _ = mix_order(src, [1.0], seed=0)
+    offsets, row_samples, _ = make_rows(src, order, True, MAX_LENGTH, True, 0)
+    mix_s = time.time() - t
+    t = time.time()
+    store = open_store(Path(folder), "bench")  # what a training start does: open, index, read rows
+    rows = StoreRows(Sources([store]), offsets, row_samples, order, packed=True, fingerprint="")
+    for i in rng.integers(0, len(rows), 200).tolist():
+        assert len(rows[i]["input_ids"]) <= MAX_LENGTH
+    open_s = time.time() - t
+    return {"write_s": write_s, "mix_s": mix_s, "open_read_s": open_s, "rows": len(rows),
+            "samples": store.n_samples, "rss_write_mb": rss_write, "rss_mb": _peak_mb(resource.RUSAGE_SELF)}
+
+
 def run_child(args: list[str], env: dict) -> dict:
     p = subprocess.run([sys.executable, __file__, "--child", *args], env=env, capture_output=True, text=True)
     if p.returncode != 0:
@@ -150,12 +198,20 @@ def main() -> None:
     ap.add_argument("--root", default="/tmp/lmtune_data_scale", help="corpora, cache and work dirs go here")
     ap.add_argument("--num-proc", type=int, default=2)
     ap.add_argument("--keep", action="store_true", help="keep corpora and stores (default: delete at the end)")
+    ap.add_argument("--store-only", action="store_true",
+                    help="only the store layer (random ids, no tokenizer, no model): write, mix + pack, open + read")
     ap.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         kind, *rest = args.child
-        out = child_prepare(*rest) if kind == "prepare" else child_start(*rest)
+        if kind == "store":
+            out = child_store(rest[0], int(rest[1]))
+        else:
+            out = child_prepare(*rest) if kind == "prepare" else child_start(*rest)
         print(json.dumps(out))
+        return
+    if args.store_only:
+        store_only(args)
         return
 
     sys.path.insert(0, str(REPO / "tests"))
@@ -215,6 +271,29 @@ def main() -> None:
         print(f"\nlargest / smallest corpus: prepare peak RSS main {b['rss_main_mb'] / a['rss_main_mb']:.3f}×, "
               f"worker {b['rss_worker_mb'] / a['rss_worker_mb']:.3f}×; start (setup) peak RSS "
               f"{b['rss_setup_mb'] / a['rss_setup_mb']:.3f}×")
+    if not args.keep:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def store_only(args) -> None:
+    root = Path(args.root)
+    root.mkdir(parents=True, exist_ok=True)
+    env = dict(os.environ, PYTHONPATH=str(REPO / "src"))
+    out = []
+    for size in [int(s) for s in args.sizes.split(",")]:
+        folder = root / f"store_{size}M"
+        shutil.rmtree(folder, ignore_errors=True)
+        r = run_child(["store", str(folder), str(size * 1_000_000)], env)
+        shutil.rmtree(folder, ignore_errors=True)
+        out.append((size, r))
+        print(f"[bench] {size}M: {json.dumps(r)}", file=sys.stderr)
+    print(f"\n{time.strftime('%Y-%m-%d')}, store layer only (random ids), max_length {MAX_LENGTH}, "
+          f"load avg {os.getloadavg()[0]:.1f}\n")
+    print("| tokens | samples | rows | write s | mix + pack s | open + 200 rows s | peak RSS MB (write / all) |")
+    print("|---|---|---|---|---|---|---|")
+    for size, r in out:
+        print(f"| {size}M | {r['samples']} | {r['rows']} | {r['write_s']:.1f} | {r['mix_s']:.1f} | {r['open_read_s']:.2f} "
+              f"| {r['rss_write_mb']:.0f} / {r['rss_mb']:.0f} |")
     if not args.keep:
         shutil.rmtree(root, ignore_errors=True)
 

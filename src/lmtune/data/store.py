@@ -1,4 +1,4 @@
-"""The token store: encoded samples on disk, written once, read through memory maps.
+"""The token store: encoded samples on disk, written once, mapped and read without copies in RAM.
 
 A store is a folder of flat binary arrays and a meta.json that describes them:
 
@@ -23,6 +23,13 @@ pairs: chosen and rejected ids and masks) fit the same store:
 stores a labels array whose entries are the masked field's ids or -100 as one byte per token;
 "int32" is any other int array.
 
+Reading: every array is memory-mapped (offsets, which are small, are read into memory); a sample's
+values are read with positional reads (os.pread) on the same files. Both go through the page cache,
+which every process of a run shares. pread rather than the mapping for the tokens because a mapped
+page counts in the RSS of each process that touched it — on recent kernels a whole large folio
+(about 1 MB here) per touch — so the RSS of a run reading rows at random would climb towards the
+size of the store, while with pread it stays flat.
+
 Trust: a store is opened only if meta.json parses, names this key and version, and every file has
 the recorded size; a file whose mtime differs from the recorded one is hashed in full and must
 match its sha256 (then the store is resealed). The offsets arrays are checked for order and
@@ -35,6 +42,7 @@ import hashlib
 import json
 import os
 import shutil
+import weakref
 from pathlib import Path
 from typing import Optional
 
@@ -213,6 +221,10 @@ class TokenStore:
             return _map(self.path / name, np.dtype(info["dtype"]), info["count"])
 
         self.values = {name: arr(f"{name}.bin") for name in self.fields}
+        self._fds = {}
+        if hasattr(os, "pread"):
+            self._fds = {name: os.open(self.path / f"{name}.bin", os.O_RDONLY) for name in self.fields}
+            weakref.finalize(self, _close_all, list(self._fds.values()))
         self.offsets: dict[str, np.ndarray] = {}
         for name, (_, of) in self.fields.items():  # a mask shares its tokens' offsets (one array)
             base = of or name
@@ -234,12 +246,23 @@ class TokenStore:
         """Sample i as int64 arrays; a mask field comes back as labels (its tokens or -100)."""
         out = {}
         for name in self.fields:
-            a, b = self.offsets[name][i], self.offsets[name][i + 1]
-            out[name] = np.asarray(self.values[name][a:b], dtype=np.int64)
+            a, b = int(self.offsets[name][i]), int(self.offsets[name][i + 1])
+            out[name] = self._read(name, a, b).astype(np.int64)
         for name, (kind, of) in self.fields.items():
             if kind == "mask":
                 out[name] = np.where(out[name] != 0, out[of], IGNORE_INDEX)
         return out
+
+    def _read(self, name: str, a: int, b: int) -> np.ndarray:
+        values = self.values[name]
+        fd = self._fds.get(name)
+        if fd is None:  # no pread (Windows): through the mapping
+            return np.asarray(values[a:b])
+        size = values.dtype.itemsize
+        data = os.pread(fd, (b - a) * size, a * size)
+        if len(data) != (b - a) * size:
+            raise OSError(f"short read from {self.path / name}.bin: the store changed under this run")
+        return np.frombuffer(data, dtype=values.dtype)
 
     def _check(self) -> None:
         """Offsets in order and within bounds (raises ValueError)."""
@@ -256,6 +279,14 @@ class TokenStore:
             raise ValueError("record positions are inconsistent")
         if any(len(a) != self.n_convs for a in self.conv.values()) or len(self.sample_loss) != self.n_samples:
             raise ValueError("per-conversation or per-sample arrays have the wrong length")
+
+
+def _close_all(fds: list) -> None:
+    for fd in fds:
+        try:
+            os.close(fd)
+        except OSError:
+            pass
 
 
 def read_meta(path: Path, key: str, magic: str = MAGIC, version: int = VERSION, verify: bool = False
