@@ -35,8 +35,8 @@ from lmtune.data import hub
 from lmtune.data.conversation import Conversation, Message
 from lmtune.data.formats import check_format, list_files, read_conversations
 from lmtune.data.mix import Sources, StoreRows, held_out, make_rows, mix_order, statistics
-from lmtune.data.kinds import RowKind, kind_for
-from lmtune.data.prepare import build_source_store, prepare_conversation
+from lmtune.data.kinds import RowKind, kind_for, prepare_conversation
+from lmtune.data.prepare import build_source_store
 from lmtune.data.store import _Appender, _write_meta, read_meta, remove
 from lmtune.data.templates import ChatTemplate
 from lmtune.errors import UserError

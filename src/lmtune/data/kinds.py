@@ -16,6 +16,10 @@ from typing import Callable
 
 import numpy as np
 
+from lmtune.data.conversation import Conversation, Message
+from lmtune.data.tokenize import encode_many
+from lmtune.errors import UserError
+
 # Why a conversation gave no sample; the store keeps 1 + the index (0 = it gave samples).
 SKIP_REASONS = ("prompt_too_long", "no_loss_tokens", "too_short")
 
@@ -29,9 +33,20 @@ class RowKind:
     length_field: str = "input_ids"  # a sample's length (packing, statistics) is this field's
 
 
-def _encode_lm(convs, cfg, tokenizer, template):
-    from lmtune.data.tokenize import encode_many
+def prepare_conversation(conv: Conversation, cfg, template) -> Conversation:
+    """What the config does to each conversation before encoding: pretraining renders chat records
+    with the template (trained in full); SFT adds `cfg.system` where there is no system message."""
+    if cfg.objective == "pretrain" and not conv.is_pretrain:
+        if template is None:
+            raise UserError("objective 'pretrain' on chat data needs a template to render it")
+        return Conversation(text=template.render(conv.messages), source=conv.source)
+    if cfg.system and not conv.is_pretrain and conv.messages[0].role != "system":
+        return Conversation([Message("system", cfg.system)] + conv.messages, source=conv.source)
+    return conv
 
+
+def _encode_lm(convs, cfg, tokenizer, template):
+    convs = [prepare_conversation(c, cfg, template) for c in convs]
     return encode_many(convs, tokenizer, template, cfg.max_length, add_eos=cfg.pretrain_add_eos)
 
 

@@ -1,7 +1,8 @@
 """Encode one data source into a token store, streaming, in `num_proc` processes, resumably.
 
     records ──chunks of R conversations (read in this process, never all at once)──►
-    workers: system prompt / pretraining render, encode (tokenize.py) ──► shard-<i>.npz
+    workers: the row kind's encoding (kinds.py: system prompt / pretraining render, tokenize.py)
+             ──► shard-<i>.npz
     all shards present ──► one token store (store.py), published by a rename; shards removed
 
 The store's content does not depend on R, on `num_proc`, or on which run wrote which shard: a
@@ -26,25 +27,13 @@ from typing import Iterator, Optional
 import numpy as np
 
 from lmtune.data import hub
-from lmtune.data.conversation import Conversation, Message
+from lmtune.data.conversation import Conversation
 from lmtune.data.formats import _conversations, check_format, iter_conversations
 from lmtune.data.kinds import LM, SKIP_REASONS, RowKind
 from lmtune.data.store import encode_samples, open_store, remove, token_dtype, write_store
 from lmtune.errors import UserError
 CHUNK_CHARS = 2_000_000  # aim for about this much text per chunk (bounds each worker's memory)
 CHUNK_MAX = 4096  # conversations per chunk, at most
-
-
-def prepare_conversation(conv: Conversation, cfg, template) -> Conversation:
-    """What the config does to each conversation before encoding: pretraining renders chat records
-    with the template (trained in full); SFT adds `cfg.system` where there is no system message."""
-    if cfg.objective == "pretrain" and not conv.is_pretrain:
-        if template is None:
-            raise UserError("objective 'pretrain' on chat data needs a template to render it")
-        return Conversation(text=template.render(conv.messages), source=conv.source)
-    if cfg.system and not conv.is_pretrain and conv.messages[0].role != "system":
-        return Conversation([Message("system", cfg.system)] + conv.messages, source=conv.source)
-    return conv
 
 
 def _chars(conv: Conversation) -> int:
@@ -78,7 +67,6 @@ def encode_chunk(convs: list[Conversation], cfg, tokenizer, template, kind: RowK
                  vocab_size: Optional[int] = None) -> dict[str, np.ndarray]:
     """The store arrays of one chunk of conversations (see store.write_store)."""
     schema = kind.schema
-    convs = [prepare_conversation(c, cfg, template) for c in convs]
     encoded = kind.encode(convs, cfg, tokenizer, template)
     samples = [s for e in encoded for s in e.samples]
     piece = encode_samples(samples, schema, token_dtype(vocab_size or len(tokenizer)))
@@ -93,10 +81,10 @@ def encode_chunk(convs: list[Conversation], cfg, tokenizer, template, kind: RowK
     piece["conv_where"] = np.frombuffer(b"".join(where), dtype=np.uint8)
     piece["conv_where.len"] = np.array([len(w) for w in where], dtype=np.int64)
     mask_field = next((n for n, k in schema.items() if k.startswith("mask:")), None)
-    if mask_field is not None:
-        mask = piece[mask_field]
-        ends = np.cumsum(piece[f"{schema[mask_field].split(':')[1]}.len"])
-        starts = ends - piece[f"{schema[mask_field].split(':')[1]}.len"]
+    if mask_field is not None:  # loss tokens per sample, from the (first) mask
+        mask, lengths = piece[mask_field], piece[f"{schema[mask_field].split(':')[1]}.len"]
+        ends = np.cumsum(lengths)
+        starts = ends - lengths
         total = np.concatenate([[0], np.cumsum(mask, dtype=np.int64)])
         piece["sample_loss"] = total[ends] - total[starts]
         if np.any(mask[starts[ends > starts]]):  # labels[0] is -100 by construction: keep it so
