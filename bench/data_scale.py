@@ -11,7 +11,7 @@ process (peak RSS is its own):
   start     the real Trainer on the prepared store: Trainer.setup() (imports, tokenizer, the store
             opened through the cache key, a tiny model, optimizer): its time and peak RSS; then its
             first optimizer step (a 2048-token packed row read from the store; its peak RSS is the
-            model's 2048 × 49,152 logits and their gradient, the same at every corpus size)
+            loss over 2048 × 49,152 logits, ~0.8 GB transient, the same at every corpus size)
 
 The model is a tiny random Llama with the SmolLM2 tokenizer (what the test suite uses), so the
 figures are those of the data path, not of a model's weights. The store is on the local disk and

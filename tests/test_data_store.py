@@ -396,3 +396,15 @@ def test_prepare_hashes_the_store_in_full(files, smol_tokenizer, cache_home, cap
     again = build_dataset(cfg, smol_tokenizer, tpl, verify=True)
     assert "damaged or not this data's; rebuilding it" in capsys.readouterr().err
     assert list(again.rows) == good
+
+
+def test_a_check_run_leaves_the_cache_alone(files, smol_tokenizer, cache_home):
+    tpl = get_template("chatml", smol_tokenizer)
+    cfg = validate({"datasets": [files["sharegpt"]], "max_length": 64})
+    build_dataset(cfg, smol_tokenizer, tpl)
+    before = {p.name: p.stat().st_mtime_ns for p in (cache_home / "data").iterdir()}
+    errors: list = []
+    checked = build_dataset(cfg, smol_tokenizer, tpl, errors=errors)
+    assert not errors and checked.stats["samples"] == 10
+    assert {p.name: p.stat().st_mtime_ns for p in (cache_home / "data").iterdir()} == before
+    assert build_dataset(cfg, smol_tokenizer, tpl).stats["cache"] == "hit"

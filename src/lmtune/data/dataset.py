@@ -89,9 +89,9 @@ def _repeat(convs: list, factor: float, seed: int) -> list:
 
 
 def load_conversations(cfg, template: Optional[ChatTemplate] = None, errors: Optional[list] = None):
-    """Read, mix and shuffle every source of `cfg.datasets` into a list (small data: tests, tools).
-
-    The definition of the training order that the store path (mix.py) follows with index arrays.
+    """Read, mix and shuffle every source of `cfg.datasets` into a list: the plain definition of
+    the training order, which the store path (mix.py) follows with index arrays. For small data
+    (tests compare the two); training never calls it.
     Returns (conversations, per-source stats). With `errors`, bad records are collected there and
     skipped rather than raised.
     """
@@ -331,9 +331,9 @@ def build_dataset(cfg, tokenizer, template: ChatTemplate, use_cache: bool = True
         with (_lock(f"rows-{key}") if use_cache else _nolock()):
             found = _read_rows(folder, key, n_samples, verify) if errors is None else None
             if found is None:
-                if folder.exists():
+                if errors is None and folder.exists():  # (a check run neither reads nor writes the cache)
                     _log(log, f"data: the rows index {folder} is damaged or not this data's; rebuilding it")
-                remove(folder)
+                    remove(folder)
                 meta, splits = _mix(cfg, train_src, val_src, factors, train_keys + val_keys, info)
                 if errors is None:
                     tmp = Path(tempfile.mkdtemp(prefix=f".rows-{key}.", dir=root))
