@@ -89,6 +89,12 @@ def make_corpus(path: Path, tokens: int, tokenizer, seed: int = 0) -> int:
 
 
 def _peak_mb(who) -> float:
+    """Peak RSS in MB. This process: VmHWM (getrusage's ru_maxrss survives exec, so it would start
+    at the launching process's RSS); children: the largest ru_maxrss of those waited for (forked
+    workers, whose shared pages count from the fork on)."""
+    if who == resource.RUSAGE_SELF:
+        with open("/proc/self/status") as f:
+            return next(int(x.split()[1]) for x in f if x.startswith("VmHWM:")) / 1024
     return resource.getrusage(who).ru_maxrss / 1024  # KiB on Linux
 
 
