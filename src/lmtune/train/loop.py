@@ -33,7 +33,7 @@ from lmtune.train.batch import to_device
 from lmtune.train.objectives import Forward, make_objective
 from lmtune.train.run_identity import check_resume, prepare_work_dir, run_identity
 from lmtune.train.run_log import RunLog
-from lmtune.train.runtime import make_adamw, param_groups, pick_device, pick_precision, seed_everything
+from lmtune.train.runtime import make_optimizer, param_groups, pick_device, pick_precision, seed_everything
 from lmtune.train.schedule import lr_lambda, make_scheduler
 from lmtune.train.strategies import SingleProcess
 
@@ -90,9 +90,9 @@ class Trainer:
         from lmtune.data.templates import get_template
 
         cfg = self.cfg
-        if self.tokenizer is None:
+        if self.tokenizer is None and self.rows is None:
             self.tokenizer = self.kind.load_tokenizer(cfg)
-        if self.template is None:
+        if self.template is None and self.tokenizer is not None:
             self.template = get_template(cfg.prompt_template, self.tokenizer)
         self.data_stats = {}
         if self.rows is None:
@@ -144,11 +144,16 @@ class Trainer:
     def _setup_optimizer(self) -> None:
         cfg = self.cfg
         groups = param_groups(self.train_model.parameters(), cfg.weight_decay)
-        self.optimizer = self.dist.make_optimizer(groups, lambda g: make_adamw(g, cfg, self.device))
+        self.optimizer = self.dist.make_optimizer(groups, lambda g: make_optimizer(g, cfg, self.device))
         self.scheduler = make_scheduler(self.optimizer, self.total_steps, cfg.warmup_ratio, cfg.lr_scheduler,
                                         cfg.min_lr_ratio)
 
     # ------------------------------------------------------------------ data order
+    def set_rows(self, rows) -> None:
+        """Train on other rows from the start of an epoch (benchmarks probing sizes use it)."""
+        self.rows, self._order = rows, None
+        self.state.epoch = self.state.index = 0
+
     def _epoch_order(self, epoch: int) -> list[int]:
         """A permutation of the rows for `epoch`, the same in every process and after a resume."""
         cached = getattr(self, "_order", None)
@@ -168,6 +173,7 @@ class Trainer:
             st.index += len(take)
             if st.index >= len(order):
                 st.epoch, st.index = st.epoch + 1, 0
+        self.last_step_rows = picked
         self._step_count = self.objective.count(picked)
         self._step_tokens = sum(len(r["input_ids"]) for r in picked)
         bs, world, rank = cfg.batch_size, self.dist.world_size, self.dist.rank
@@ -182,8 +188,7 @@ class Trainer:
         bar = self._progress()
         t_start, tokens_at_start = time.time(), self.state.tokens_seen
         while self.state.step < self.total_steps:
-            loss, metrics = self._train_step()
-            self.state.step += 1
+            loss, metrics = self.step()
             step = self.state.step
             if not math.isfinite(loss):
                 prev = ckpt.latest_checkpoint(self.work_dir, quiet=True)
@@ -194,9 +199,6 @@ class Trainer:
                     hint="lower lr, enable gradient clipping (max_norm), or check the data of this step; "
                     "resume with --resume auto",
                 )
-            self.state.history.append((step, loss))
-            for name, value in metrics.items():
-                self.state.metrics.setdefault(name, []).append((step, value))
             elapsed = time.time() - t_start
             tok_s = (self.state.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
             lr = self.scheduler.get_last_lr()[0]
@@ -221,8 +223,9 @@ class Trainer:
         self.log.close()
         return out
 
-    def _train_step(self) -> tuple[float, dict[str, float]]:
-        """One optimizer step over all micro-batches; returns the step's mean loss and metrics."""
+    def step(self) -> tuple[float, dict[str, float]]:
+        """One optimizer step over all micro-batches (no logging, probes or saving); returns the
+        step's mean loss and metrics. `last_step_rows` holds the rows it consumed."""
         cfg, model = self.cfg, self.train_model
         model.train()
         micro_batches = self._next_step_rows()
@@ -244,13 +247,18 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.tokens_seen += self._step_tokens
+        metrics_out = {}
         if sums:
             names = sorted(sums)
             values = self.dist.sum_tensor(torch.stack([sums[k].reshape(()) for k in names])).tolist()
             metrics_out = {k: v / denom for k, v in zip(names, values)}
-        else:
-            metrics_out = {}
-        return self.dist.sum_scalar(total) / denom, metrics_out
+        loss = self.dist.sum_scalar(total) / denom
+        self.state.step += 1
+        if math.isfinite(loss):
+            self.state.history.append((self.state.step, loss))
+            for name, value in metrics_out.items():
+                self.state.metrics.setdefault(name, []).append((self.state.step, value))
+        return loss, metrics_out
 
     # ------------------------------------------------------------------ probes and progress
     def _probe(self) -> None:
@@ -371,6 +379,9 @@ class Trainer:
         full_state = self.io.full_state_dict_for_export(self.model)
         if not self.dist.is_main:
             return None
+        if self.tokenizer is None:
+            raise UserError("the final Hugging Face folder needs a tokenizer; this Trainer was given rows without one",
+                            hint="pass tokenizer= to the Trainer")
         out = self.work_dir / "hf"
         save_trained_model(self.model, self.tokenizer, self.cfg, self.template, out, state_dict=full_state)
         self.dist.log(f"final model written to {out}")
