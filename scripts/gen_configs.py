@@ -8,15 +8,18 @@ from pathlib import Path
 
 OUT = Path(__file__).resolve().parents[1] / "src/lmtune/configs"
 
+# Instruct/chat models are trained with the tokenizer's own chat template (prompt_template = "auto"):
+# it is what the checkpoint was tuned with and what every other tool renders, default system prompt
+# (Qwen2.5) and date header (Llama 3.1+) included. Named templates stay available for users who set one.
 MODELS = {
-    # name: (hub id, template, max_length, lr full, lr lora)
-    "qwen2_5_1_5b_instruct": ("Qwen/Qwen2.5-1.5B-Instruct", "chatml", 2048, 1e-5, 2e-4),
-    "qwen2_5_7b_instruct": ("Qwen/Qwen2.5-7B-Instruct", "chatml", 2048, 1e-5, 2e-4),
-    "llama3_8b_instruct": ("meta-llama/Meta-Llama-3-8B-Instruct", "llama3_chat", 2048, 1e-5, 2e-4),
-    "llama3_2_3b_instruct": ("meta-llama/Llama-3.2-3B-Instruct", "llama3_chat", 2048, 1e-5, 2e-4),
-    "internlm2_chat_1_8b": ("internlm/internlm2-chat-1_8b", "internlm2_chat", 2048, 1e-5, 2e-4),
-    "internlm2_chat_7b": ("internlm/internlm2-chat-7b", "internlm2_chat", 2048, 1e-5, 2e-4),
-    "internlm2_5_chat_7b": ("internlm/internlm2_5-7b-chat", "internlm2_chat", 2048, 1e-5, 2e-4),
+    # name: (hub id, max_length, lr full, lr lora)
+    "qwen2_5_1_5b_instruct": ("Qwen/Qwen2.5-1.5B-Instruct", 2048, 1e-5, 2e-4),
+    "qwen2_5_7b_instruct": ("Qwen/Qwen2.5-7B-Instruct", 2048, 1e-5, 2e-4),
+    "llama3_8b_instruct": ("meta-llama/Meta-Llama-3-8B-Instruct", 2048, 1e-5, 2e-4),
+    "llama3_2_3b_instruct": ("meta-llama/Llama-3.2-3B-Instruct", 2048, 1e-5, 2e-4),
+    "internlm2_chat_1_8b": ("internlm/internlm2-chat-1_8b", 2048, 1e-5, 2e-4),
+    "internlm2_chat_7b": ("internlm/internlm2-chat-7b", 2048, 1e-5, 2e-4),
+    "internlm2_5_chat_7b": ("internlm/internlm2_5-7b-chat", 2048, 1e-5, 2e-4),
 }
 # Extra lines for a model family's docstring.
 NOTES = {
@@ -51,7 +54,7 @@ system prompt, evaluation questions) and run `lmtune train ./config/{name}_copy.
 #######################################################################
 model = {model!r}  # a local folder, a hub id or a .gguf file
 datasets = [dict(path={data_path!r}, format={data_format!r})]  # {data_note}
-prompt_template = {template!r}
+prompt_template = 'auto'  # the tokenizer's own chat template; or a name: chatml, llama3_chat, ...
 system = None  # e.g. "You are a helpful assistant."
 max_length = {max_length}
 pack_to_max_length = True
@@ -96,7 +99,7 @@ seed = 42
 
 def main():
     n = 0
-    for mname, (hub, template, max_len, lr_full, lr_lora) in MODELS.items():
+    for mname, (hub, max_len, lr_full, lr_lora) in MODELS.items():
         for meth, m in METHODS.items():
             for dname, (dpath, dformat, dnote) in DATA.items():
                 name = f"{mname}_{meth}_{dname}"
@@ -105,7 +108,7 @@ def main():
                 note = next((v for k, v in NOTES.items() if mname.startswith(k)), "")
                 text = TEMPLATE.format(
                     note=note, title=f"{hub}: {meth} fine-tuning on {dname} data.", name=name, model=hub,
-                    data_path=dpath, data_format=dformat, data_note=dnote, template=template,
+                    data_path=dpath, data_format=dformat, data_note=dnote,
                     max_length=max_len, method=m["method"], quantization=m["quantization"],
                     quant_note="  # QLoRA: 4-bit NF4 base + LoRA (needs bitsandbytes)" if meth == "qlora" else "",
                     lora_block=lora_block, gc=m["gc"], lr=lr_full if meth == "full" else lr_lora,

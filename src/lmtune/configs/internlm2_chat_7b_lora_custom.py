@@ -13,7 +13,7 @@ system prompt, evaluation questions) and run `lmtune train ./config/internlm2_ch
 #######################################################################
 model = 'internlm/internlm2-chat-7b'  # a local folder, a hub id or a .gguf file
 datasets = [dict(path='data/my_conversations.jsonl', format='openai')]  # your own conversations, one JSON object per line: {"messages": [...]}
-prompt_template = 'internlm2_chat'
+prompt_template = 'auto'  # the tokenizer's own chat template; or a name: chatml, llama3_chat, ...
 system = None  # e.g. "You are a helpful assistant."
 max_length = 2048
 pack_to_max_length = True

@@ -9,7 +9,7 @@ system prompt, evaluation questions) and run `lmtune train ./config/llama3_8b_in
 #######################################################################
 model = 'meta-llama/Meta-Llama-3-8B-Instruct'  # a local folder, a hub id or a .gguf file
 datasets = [dict(path='data/my_conversations.jsonl', format='openai')]  # your own conversations, one JSON object per line: {"messages": [...]}
-prompt_template = 'llama3_chat'
+prompt_template = 'auto'  # the tokenizer's own chat template; or a name: chatml, llama3_chat, ...
 system = None  # e.g. "You are a helpful assistant."
 max_length = 2048
 pack_to_max_length = True

@@ -9,7 +9,7 @@ system prompt, evaluation questions) and run `lmtune train ./config/qwen2_5_7b_i
 #######################################################################
 model = 'Qwen/Qwen2.5-7B-Instruct'  # a local folder, a hub id or a .gguf file
 datasets = [dict(path='data/oasst1.jsonl', format='oasst1')]  # guanaco-style '### Human: ... ### Assistant: ...' text (e.g. timdettmers/openassistant-guanaco)
-prompt_template = 'chatml'
+prompt_template = 'auto'  # the tokenizer's own chat template; or a name: chatml, llama3_chat, ...
 system = None  # e.g. "You are a helpful assistant."
 max_length = 2048
 pack_to_max_length = True

@@ -9,7 +9,7 @@ system prompt, evaluation questions) and run `lmtune train ./config/qwen2_5_7b_i
 #######################################################################
 model = 'Qwen/Qwen2.5-7B-Instruct'  # a local folder, a hub id or a .gguf file
 datasets = [dict(path='data/alpaca_data.json', format='alpaca')]  # Alpaca-style records: instruction / input / output (e.g. tatsu-lab/alpaca, saved locally)
-prompt_template = 'chatml'
+prompt_template = 'auto'  # the tokenizer's own chat template; or a name: chatml, llama3_chat, ...
 system = None  # e.g. "You are a helpful assistant."
 max_length = 2048
 pack_to_max_length = True

@@ -184,6 +184,34 @@ def _tokenizer_fingerprint(tokenizer) -> str:
     return h.hexdigest()
 
 
+def _encoder_versions() -> dict:
+    """The code that turns data into rows: lmtune's version and its data/ sources (a change to the
+    encoding code invalidates the cache even without a version bump), and the tokenizer libraries."""
+    import tokenizers
+    import transformers
+
+    import lmtune
+
+    code = hashlib.sha256()
+    for f in sorted(Path(__file__).parent.glob("*.py")):
+        code.update(f.name.encode() + f.read_bytes())
+    return {"lmtune": lmtune.__version__, "data_code": code.hexdigest(),
+            "transformers": transformers.__version__, "tokenizers": tokenizers.__version__}
+
+
+def _probe(template: ChatTemplate) -> list[str]:
+    # Rendering probes catches any change in the template's text (a template may refuse a system
+    # message: that is part of what it does).
+    out = []
+    for msgs in ([Message("user", "U"), Message("assistant", "A")],
+                 [Message("system", "S"), Message("user", "U"), Message("assistant", "A")]):
+        try:
+            out.append(template.render(msgs))
+        except UserError as e:
+            out.append(f"refused: {e}")
+    return out
+
+
 def cache_key(cfg, tokenizer, template: ChatTemplate) -> str:
     h = hashlib.sha256()
     settings = {
@@ -191,8 +219,7 @@ def cache_key(cfg, tokenizer, template: ChatTemplate) -> str:
         "max_length": cfg.max_length, "pack": cfg.pack_to_max_length, "shuffle": cfg.shuffle_before_pack,
         "system": cfg.system, "objective": cfg.objective, "seed": cfg.seed,
         "max_dataset_samples": cfg.max_dataset_samples, "template": template.name,
-        # Rendering a probe catches any change in the template's text.
-        "probe": template.render([Message("system", "S"), Message("user", "U"), Message("assistant", "A")]),
+        "probe": _probe(template), "encoder": _encoder_versions(),
     }
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     h.update(_tokenizer_fingerprint(tokenizer).encode())
