@@ -477,14 +477,14 @@ def list_builtin(pattern: str | None = None) -> list[str]:
     return names
 
 
-def copy_builtin(name: str, dest_dir: str) -> Path:
+def copy_builtin(name: str, dest_dir: str, overwrite: bool = False) -> Path:
+    """Copy a built-in config to DEST_DIR/NAME_copy.py; an edited copy there is kept unless `overwrite`."""
+    from lmtune.atomic import atomic_file
+
     src = resolve_config_path(name)
-    dest = Path(dest_dir)
-    dest.mkdir(parents=True, exist_ok=True)
-    target = dest / f"{src.stem}_copy{src.suffix}"
-    tmp = target.with_suffix(target.suffix + ".tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, target)
+    target = Path(dest_dir) / f"{src.stem}_copy{src.suffix}"
+    with atomic_file(target, overwrite=overwrite) as tmp:
+        shutil.copyfile(src, tmp)
     return target
 
 
