@@ -271,6 +271,26 @@ def test_merge_into_its_own_adapter_is_refused(trained, capsys):
     assert snapshot(trained / "work/hf") == before
 
 
+def test_internlm2_layout_save_keeps_the_users_folder(tmp_path):
+    """`--save-format internlm2` writes through save_internlm2, under the same rule."""
+    import torch
+
+    from lmtune.models import internlm2 as il
+    from test_internlm2 import make_checkpoint, tiny_config
+
+    cfg = tiny_config()
+    make_checkpoint(tmp_path / "ckpt", cfg)
+    model = il.load_internlm2(str(tmp_path / "ckpt"), dtype=torch.float32)
+    out = tmp_path / "out"
+    before = user_folder(out)
+    with pytest.raises(UserError, match="--overwrite"):
+        il.save_internlm2(model, out, cfg)
+    assert snapshot(out) == before and leftovers(tmp_path) == []
+    il.save_internlm2(model, out, cfg, overwrite=True)
+    assert (out / "config.json").is_file() and (out / HF_MARKER).is_file() and not (out / "thesis.tex").exists()
+    il.save_internlm2(model, out, cfg)  # its own previous output: replaced
+
+
 # --------------------------------------------------------------------------- train's hf/ (the API train uses)
 
 

@@ -75,10 +75,14 @@ def _read_marker(path: Path) -> dict | None:
 
 
 def _check_parent(path: Path) -> None:
-    for parent in path.parents:
+    """The nearest existing parent must be a folder we may write in (the temporary copy goes there)."""
+    for parent in Path(os.path.abspath(path)).parents:
         if parent.exists():
             if not parent.is_dir():
                 raise UserError(f"cannot write '{path}': '{parent}' is a file, not a folder")
+            if not os.access(parent, os.W_OK | os.X_OK):
+                raise UserError(f"cannot write '{path}': no permission to write in '{parent}'",
+                                hint="choose a folder you can write to")
             return
 
 
