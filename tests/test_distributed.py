@@ -220,7 +220,7 @@ def _cfg(tmp_path, **kw):
 
 
 def test_deepspeed_config_takes_batch_clipping_precision_from_lmtune(tmp_path):
-    from lmtune.train.distributed_engines import deepspeed_config
+    from lmtune.train.strategies.deepspeed import deepspeed_config
 
     for name in ("deepspeed_zero1", "zero2", "deepspeed_zero2_offload", "zero3", "deepspeed_zero3_offload"):
         cfg = _cfg(tmp_path, deepspeed=name, batch_size=3, accumulative_counts=4, max_norm=0.5)
@@ -243,7 +243,7 @@ def test_deepspeed_config_takes_batch_clipping_precision_from_lmtune(tmp_path):
 
 
 def test_deepspeed_unknown_name_and_bad_json(tmp_path):
-    from lmtune.train.distributed_engines import deepspeed_template
+    from lmtune.train.strategies.deepspeed import deepspeed_template
 
     with pytest.raises(UserError, match="neither a built-in name") as e:
         deepspeed_template("deepspeed_zero4")
@@ -257,7 +257,7 @@ def test_deepspeed_unknown_name_and_bad_json(tmp_path):
 def test_missing_deepspeed_is_a_clear_message(tmp_path, monkeypatch):
     import builtins
 
-    from lmtune.train import distributed_engines
+    from lmtune.train import strategies
 
     real_import = builtins.__import__
 
@@ -268,5 +268,5 @@ def test_missing_deepspeed_is_a_clear_message(tmp_path, monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_deepspeed)
     with pytest.raises(UserError, match="needs the deepspeed package") as e:
-        distributed_engines.make_engine(_cfg(tmp_path, strategy="deepspeed", deepspeed="zero2"))
+        strategies.make_strategy(_cfg(tmp_path, strategy="deepspeed", deepspeed="zero2"))
     assert "DS_BUILD_OPS=0" in e.value.hint

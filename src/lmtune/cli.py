@@ -65,7 +65,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("config")
     p.add_argument("--work-dir", help="where checkpoints and logs go (default ./work_dirs/CONFIG_NAME)")
     p.add_argument("--resume", nargs="?", const="auto", default=None, metavar="auto|PATH",
-                   help="continue from the newest complete checkpoint (auto) or from PATH")
+                   help="continue from the newest complete checkpoint (auto; starts fresh if there is none) or "
+                        "from PATH")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in a work dir that holds another run (removes only what lmtune wrote there)")
     p.add_argument("--seed", type=int, default=None)
     p.add_argument("--deepspeed", default=None,
                    help="deepspeed_zero1|zero2|zero2_offload|zero3|zero3_offload or a JSON file")

@@ -119,7 +119,7 @@ def pth_to_hf(config: str | None, checkpoint: str, out: str, fp32: bool = False,
     from lmtune.config import load_config
     from lmtune.data.templates import get_template
     from lmtune.models.loader import load_model, load_tokenizer
-    from lmtune.train.checkpoint import verify_checkpoint
+    from lmtune.train.checkpoint import is_sharded_checkpoint, load_sharded_weights, verify_checkpoint
 
     ck = Path(checkpoint)
     if ck.is_file() and ck.name == "model.safetensors":
@@ -137,14 +137,11 @@ def pth_to_hf(config: str | None, checkpoint: str, out: str, fp32: bool = False,
     model = load_model(cfg.model, dtype="float32" if fp32 else "auto", trust_remote_code=cfg.trust_remote_code,
                        allow_pickle=cfg.allow_pickle)
     if cfg.method == "lora":
-        from peft import LoraConfig, get_peft_model
+        from lmtune.models.kinds import model_kind
 
-        model = get_peft_model(model, LoraConfig(
-            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-            target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM", bias="none"))
+        model = model_kind(cfg).add_lora(model, cfg)
     params = dict(model.named_parameters())
-    if (ck / "shards.json").is_file():  # written in parts by FSDP2 / DeepSpeed: put them together
-        from lmtune.train.distributed_engines import load_sharded_weights
+    if is_sharded_checkpoint(ck):  # written in parts by FSDP2 / DeepSpeed: put them together
 
         weights = load_sharded_weights(ck, params)
     else:
