@@ -494,14 +494,16 @@ def list_builtin(pattern: str | None = None) -> list[str]:
     return names
 
 
-def copy_builtin(name: str, dest_dir: str) -> Path:
+def copy_builtin(name: str, dest_dir: str, overwrite: bool = False) -> Path:
+    """Copy a built-in config to DEST_DIR/NAME_copy.py; an edited copy there is kept unless `overwrite`.
+    An XTuner-style name copies our nearest built-in under the user's name, with the differences noted."""
+    from lmtune.atomic import atomic_file
+
     resolved = None if Path(name).is_file() else _xtuner_name(name)
     if resolved is not None and (BUILTIN_DIR / f"{name}.py").is_file():
         resolved = None
     src = resolve_config_path(resolved.name if resolved else name)
-    dest = Path(dest_dir)
-    dest.mkdir(parents=True, exist_ok=True)
-    target = dest / f"{name if resolved else src.stem}_copy{src.suffix}"
+    target = Path(dest_dir) / f"{name if resolved else src.stem}_copy{src.suffix}"
     text = src.read_text(encoding="utf-8")
     if resolved:  # keep the user's name; say what differs; carry the epochs over
         header = "".join(f"# - {n}\n" for n in resolved.notes)
@@ -510,9 +512,8 @@ def copy_builtin(name: str, dest_dir: str) -> Path:
             text, n = re.subn(rf"^{key} = .*$", f"{key} = {value!r}", text, flags=re.M)
             if not n:
                 text += f"{key} = {value!r}\n"
-    tmp = target.with_suffix(target.suffix + ".tmp")
-    tmp.write_text(text, encoding="utf-8")
-    os.replace(tmp, target)
+    with atomic_file(target, overwrite=overwrite) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
     return target
 
 
