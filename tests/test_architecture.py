@@ -93,7 +93,7 @@ def test_xtuner_names_resolve_to_our_nearest_config(name, ours, epochs, tmp_path
     from lmtune.config import load_config
 
     cfg = load_config(name)
-    assert Path(cfg._source).stem == ours and cfg.max_epochs == epochs
+    assert cfg._source == f"built-in:{ours}" and cfg.max_epochs == epochs
     assert f"using the built-in '{ours}'" in capsys.readouterr().err
     assert main(["copy-cfg", name, str(tmp_path)]) == 0
     copied = tmp_path / f"{name}_copy.py"

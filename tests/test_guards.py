@@ -395,8 +395,6 @@ def test_replace_keeps_the_users_file(tmp_path, capsys, monkeypatch):
 
 
 def test_copy_cfg_keeps_the_users_edits(tmp_path, capsys, monkeypatch):
-    import shutil
-
     name = "smollm2_135m_lora_self_cognition"
     assert main(["copy-cfg", name, str(tmp_path)]) == 0
     copied = tmp_path / f"{name}_copy.py"
@@ -405,7 +403,7 @@ def test_copy_cfg_keeps_the_users_edits(tmp_path, capsys, monkeypatch):
     assert main(["copy-cfg", name, str(tmp_path)]) == 2
     refused(capsys, copied)
     assert copied.read_text() == edited
-    disk_full(monkeypatch, shutil, "copyfile")
+    disk_full(monkeypatch, Path, "write_text")
     with pytest.raises(OSError, match="No space left"):
         main(["copy-cfg", name, str(tmp_path), "--overwrite"])
     monkeypatch.undo()

@@ -270,13 +270,13 @@ def _check_datasets(cfg: Config, source: str | None, lines: dict) -> None:
 # --------------------------------------------------------------------------- loading
 
 
-def _parse_python_config(path: Path) -> tuple[dict, dict]:
-    """Read top-level assignments of a .py config without importing anything.
-
-    Values must be literals (plus simple arithmetic and references to earlier names),
+def _parse_python_config(path: Path | str, text: str | None = None) -> tuple[dict, dict]:
+    """Read top-level assignments of a .py config (or of `text`, named `path`) without importing
+    anything. Values must be literals (plus simple arithmetic and references to earlier names),
     so a config can never run code.
     """
-    text = path.read_text(encoding="utf-8")
+    if text is None:
+        text = Path(path).read_text(encoding="utf-8")
     try:
         tree = ast.parse(text, filename=str(path))
     except SyntaxError as e:
@@ -375,24 +375,33 @@ def resolve_config_path(name_or_path: str) -> Path:
         return path
     for suffix in ("", ".py", ".yaml", ".yml"):
         candidate = BUILTIN_DIR / f"{name_or_path}{suffix}"
-        if candidate.is_file() and candidate.name != "__init__.py":
+        if candidate.is_file() and candidate.name not in ("__init__.py", "presets.py"):
             return candidate
     near = difflib.get_close_matches(name_or_path, list_builtin(), n=3, cutoff=0.4)
     hint = f"did you mean {', '.join(near)}?" if near else "run `lmtune list-cfg` to see the built-in configs"
     raise UserError(f"config '{name_or_path}' is neither a file nor a built-in config", hint=hint)
 
 
+def _preset_text(name: str) -> str | None:
+    """The text of a built-in preset config (configs/presets.py), unless a file shadows it."""
+    from lmtune.configs.presets import render
+
+    if Path(name).is_file():
+        return None
+    return render(name[:-3] if name.endswith(".py") else name)
+
+
 def _xtuner_name(name_or_path: str):
     """An XTuner-style built-in name mapped onto ours (see config_names.py), or None."""
     from lmtune.config_names import resolve_xtuner_name
 
-    if Path(name_or_path).suffix or os.sep in name_or_path:
+    if Path(name_or_path).suffix or os.sep in name_or_path or name_or_path in list_builtin():
         return None
     return resolve_xtuner_name(name_or_path, list_builtin())
 
 
 def load_raw(name_or_path: str) -> tuple[dict, dict, str]:
-    if not Path(name_or_path).is_file() and not any(
+    if not Path(name_or_path).is_file() and _preset_text(name_or_path) is None and not any(
             (BUILTIN_DIR / f"{name_or_path}{s}").is_file() for s in ("", ".py", ".yaml", ".yml")):
         resolved = _xtuner_name(name_or_path)
         if resolved is not None:
@@ -400,6 +409,11 @@ def load_raw(name_or_path: str) -> tuple[dict, dict, str]:
                   + "".join(f"\n         - {n}" for n in resolved.notes), file=sys.stderr)
             raw, lines, source = load_raw(resolved.name)
             return {**raw, **resolved.overrides}, lines, source
+    preset = _preset_text(name_or_path)
+    if preset is not None:
+        source = f"built-in:{name_or_path}"
+        raw, lines = _parse_python_config(source, preset)
+        return {k: v for k, v in raw.items() if not k.startswith("_")}, lines, source
     path = resolve_config_path(name_or_path)
     if path.suffix in (".yaml", ".yml"):
         import yaml
@@ -485,9 +499,10 @@ def check_paths(cfg: Config) -> None:
 
 
 def list_builtin(pattern: str | None = None) -> list[str]:
-    names = sorted(
-        p.stem for p in BUILTIN_DIR.glob("*.py") if p.name != "__init__.py"
-    ) + sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
+    from lmtune.configs.presets import preset_names
+
+    names = sorted({p.stem for p in BUILTIN_DIR.glob("*.py") if p.name not in ("__init__.py", "presets.py")}
+                   | set(preset_names())) + sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
     if pattern:
         rx = re.compile(pattern.replace("*", ".*"), re.IGNORECASE)
         names = [n for n in names if rx.search(n)]
@@ -500,11 +515,14 @@ def copy_builtin(name: str, dest_dir: str, overwrite: bool = False) -> Path:
     from lmtune.atomic import atomic_file
 
     resolved = None if Path(name).is_file() else _xtuner_name(name)
-    if resolved is not None and (BUILTIN_DIR / f"{name}.py").is_file():
-        resolved = None
-    src = resolve_config_path(resolved.name if resolved else name)
-    target = Path(dest_dir) / f"{name if resolved else src.stem}_copy{src.suffix}"
-    text = src.read_text(encoding="utf-8")
+    builtin = resolved.name if resolved else name
+    text = _preset_text(builtin)
+    if text is not None:
+        stem, suffix = builtin[:-3] if builtin.endswith(".py") else builtin, ".py"
+    else:
+        src = resolve_config_path(builtin)
+        stem, suffix, text = src.stem, src.suffix, src.read_text(encoding="utf-8")
+    target = Path(dest_dir) / f"{name if resolved else stem}_copy{suffix}"
     if resolved:  # keep the user's name; say what differs; carry the epochs over
         header = "".join(f"# - {n}\n" for n in resolved.notes)
         text = f"# From lmtune's built-in '{resolved.name}' for the XTuner-style name '{name}':\n{header}\n" + text

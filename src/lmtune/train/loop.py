@@ -394,6 +394,9 @@ def run_training(cfg: Config, work_dir: str | Path, resume: str | None = None, d
     # Only the main process removes a previous run (--overwrite); the others wait for it.
     resume_from = prepare_work_dir(Path(work_dir), resume, overwrite, log=dist.log, remove=dist.is_main)
     dist.barrier()
+    from lmtune.export.hf import check_hf_out
+
+    check_hf_out(Path(work_dir) / "hf")  # a resumed run's hf/ edited by the user: refuse now, not at the end
     trainer = Trainer(cfg, work_dir, dist=dist)
     trainer.setup(resume_from)
     return trainer.train()

@@ -1,12 +1,12 @@
-"""Write the built-in model × method × data configs in src/lmtune/configs/.
+"""The built-in model × method × data configs, from one table.
 
-Each is a plain, self-explaining file users copy with `lmtune copy-cfg` and edit; this script
-only saves typing them by hand. Re-run it after changing the table below.
+`lmtune list-cfg` lists them and `lmtune copy-cfg NAME DIR` writes NAME's text (rendered here) as a
+plain, self-explaining file to edit; `lmtune train NAME` reads the same text. Add a model, a method
+or a data kind by adding a row below. Hand-written configs (e.g. the quickstart's) are files beside
+this module.
 """
 
-from pathlib import Path
-
-OUT = Path(__file__).resolve().parents[1] / "src/lmtune/configs"
+from __future__ import annotations
 
 # Instruct/chat models are trained with the tokenizer's own chat template (prompt_template = "auto"):
 # it is what the checkpoint was tuned with and what every other tool renders, default system prompt
@@ -97,27 +97,32 @@ seed = 42
 '''
 
 
-def main():
-    n = 0
-    for mname, (hub, max_len, lr_full, lr_lora) in MODELS.items():
-        for meth, m in METHODS.items():
-            for dname, (dpath, dformat, dnote) in DATA.items():
-                name = f"{mname}_{meth}_{dname}"
-                lora_block = "" if m["method"] == "full" else (
-                    'lora_r = 64\nlora_alpha = 16\nlora_dropout = 0.1\nlora_target_modules = "all-linear"\n')
-                note = next((v for k, v in NOTES.items() if mname.startswith(k)), "")
-                text = TEMPLATE.format(
-                    note=note, title=f"{hub}: {meth} fine-tuning on {dname} data.", name=name, model=hub,
-                    data_path=dpath, data_format=dformat, data_note=dnote,
-                    max_length=max_len, method=m["method"], quantization=m["quantization"],
-                    quant_note="  # QLoRA: 4-bit NF4 base + LoRA (needs bitsandbytes)" if meth == "qlora" else "",
-                    lora_block=lora_block, gc=m["gc"], lr=lr_full if meth == "full" else lr_lora,
-                    batch_size=m["batch_size"], accumulative_counts=m["accumulative_counts"],
-                )
-                (OUT / f"{name}.py").write_text(text, encoding="utf-8")
-                n += 1
-    print(f"wrote {n} configs")
+
+def _entries() -> dict[str, tuple]:
+    return {f"{m}_{meth}_{d}": (m, meth, d) for m in MODELS for meth in METHODS for d in DATA}
 
 
-if __name__ == "__main__":
-    main()
+def preset_names() -> list[str]:
+    return sorted(_entries())
+
+
+def render(name: str) -> str | None:
+    """The config file text of preset `name`, or None if there is no such preset."""
+    entry = _entries().get(name)
+    if entry is None:
+        return None
+    mname, meth, dname = entry
+    hub, max_len, lr_full, lr_lora = MODELS[mname]
+    m = METHODS[meth]
+    dpath, dformat, dnote = DATA[dname]
+    lora_block = "" if m["method"] == "full" else (
+        'lora_r = 64\nlora_alpha = 16\nlora_dropout = 0.1\nlora_target_modules = "all-linear"\n')
+    note = next((v for k, v in NOTES.items() if mname.startswith(k)), "")
+    return TEMPLATE.format(
+        note=note, title=f"{hub}: {meth} fine-tuning on {dname} data.", name=name, model=hub,
+        data_path=dpath, data_format=dformat, data_note=dnote,
+        max_length=max_len, method=m["method"], quantization=m["quantization"],
+        quant_note="  # QLoRA: 4-bit NF4 base + LoRA (needs bitsandbytes)" if meth == "qlora" else "",
+        lora_block=lora_block, gc=m["gc"], lr=lr_full if meth == "full" else lr_lora,
+        batch_size=m["batch_size"], accumulative_counts=m["accumulative_counts"],
+    )
