@@ -311,6 +311,8 @@ def test_named_template_as_jinja_renders_the_same_through_the_tokenizer(name, sm
         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "line1\nline2"},
          {"role": "assistant", "content": 'a "quoted" reply'}, {"role": "user", "content": "你好"}],
+        [{"role": "system", "content": " padded \n"}, {"role": "user", "content": "  q "},
+         {"role": "assistant", "content": " a\n"}],
     ]
     for conv in conversations:
         for gen in (False, True):
