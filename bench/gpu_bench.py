@@ -5,9 +5,9 @@ token data whose sample lengths are drawn uniformly between 64 and the case's ma
 the same tokens per optimizer step for both stacks, bf16 autocast, gradient checkpointing on,
 AdamW (fused), LoRA r=16 / alpha 32 on all linear layers, no dropout.
 
-- lmtune: its own Trainer (`_setup_model` + `_train_step`, only the model loader swapped for the
-  random model): packed rows, padding-free varlen attention, fused loss, liger kernels -- all
-  picked by the "auto" defaults.
+- lmtune: its own Trainer, given the random model and the rows (`Trainer(cfg, work, model=,
+  rows=)`, then `step()`): packed rows, padding-free varlen attention, fused loss, liger kernels --
+  all picked by the "auto" defaults.
 - baseline: `transformers.Trainer` + PEFT (+ bitsandbytes NF4 and `prepare_model_for_kbit_training`
   for QLoRA), SDPA attention, each micro-batch padded to its longest sample.
 
@@ -174,10 +174,8 @@ def gib(x):
 # ----------------------------------------------------------------------------- lmtune
 
 
-def lmtune_trainer(model, case, work, rows_per_micro, accum, extra=None):
-    import torch
-
-    import lmtune.models.loader as loader
+def lmtune_trainer(model, case, work, rows, rows_per_micro, accum, extra=None):
+    """lmtune's own Trainer, given the random model (in place of a checkpoint on disk) and the rows."""
     from lmtune.config import validate
     from lmtune.train.loop import Trainer
 
@@ -185,17 +183,10 @@ def lmtune_trainer(model, case, work, rows_per_micro, accum, extra=None):
                lora_alpha=LORA["lora_alpha"], lora_dropout=0.0, lora_target_modules="all-linear",
                gradient_checkpointing=True, lr=LR, max_norm=1.0, batch_size=rows_per_micro,
                accumulative_counts=accum, max_length=case["seq"], warmup_ratio=0.0, lr_scheduler="constant",
-               mixed_precision="bf16", seed=0, max_steps=1000)
+               mixed_precision="bf16", seed=0, max_steps=1000, device="cuda")
     raw.update(extra or {})
-    cfg = validate(raw)
-    loader.load_model = lambda *a, **k: model  # the random model stands in for a checkpoint on disk
-    t = Trainer(cfg, work)
-    t.device, t.amp_dtype = torch.device("cuda"), torch.bfloat16
-    t.tokenizer = None
-    t.total_steps = 1000
-    t.rows_per_step = rows_per_micro * accum
-    t._setup_model()
-    t._setup_optimizer()
+    t = Trainer(validate(raw), work, model=model, rows=rows)
+    t.setup()
     return t
 
 
@@ -211,18 +202,15 @@ def run_lmtune(name, case, steps, extra=None):
     rows_per_micro = max(1, MICRO_TOKENS // seq)
     n_samples = steps * HF_ACCUM * MICRO_TOKENS // seq * 3  # enough that no step wraps an epoch
     rows = pack(samples(n_samples, seq, SHAPES[case["shape"]]["vocab_size"], seed=1), seq)
-    t = lmtune_trainer(model, case, "/tmp/lmtune_bench", rows_per_micro, accum=2, extra=extra)
-    t.rows = rows
+    t = lmtune_trainer(model, case, "/tmp/lmtune_bench", rows, rows_per_micro, accum=2, extra=extra)
     fast = t.fast.lines()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     stamps, lengths, losses = [], [], []
     for _ in range(steps):
-        st = t.state
-        before = st.tokens_seen
-        order = t._epoch_order(st.epoch)[st.index: st.index + t.rows_per_step]
-        step_rows = [t.rows[j] for j in order]
-        losses.append(t._train_step())
+        before = t.state.tokens_seen
+        losses.append(t.step()[0])
+        step_rows = t.last_step_rows
         torch.cuda.synchronize()
         stamps.append(time.perf_counter())
         lens = []
@@ -231,7 +219,7 @@ def run_lmtune(name, case, steps, extra=None):
             starts = [k for k, v in enumerate(p) if v == 0] + [len(p)]
             lens += [b - a for a, b in zip(starts[:-1], starts[1:])]
         lengths.append(lens)
-        assert st.tokens_seen - before == sum(lens)
+        assert t.state.tokens_seen - before == sum(lens)
     res = _result(name, "lmtune", case, stamps, lengths, losses)
     res["fast_path"] = fast
     del t, model
@@ -346,14 +334,15 @@ def maxlen(stack: str, budgets_gib: list[float]):
     model = build_model(case["shape"], torch.bfloat16, "nf4")
     vocab = SHAPES[case["shape"]]["vocab_size"]
     if stack == "lmtune":
-        t = lmtune_trainer(model, dict(case, seq=max(LENGTHS)), "/tmp/lmtune_maxlen", 1, 1,
+        first = torch.randint(0, vocab, (8,)).tolist()
+        t = lmtune_trainer(model, dict(case, seq=max(LENGTHS)), "/tmp/lmtune_maxlen",
+                           [{"input_ids": first, "labels": first}], 1, 1,
                            extra={"cpu_offload": False})  # the default path (offload: see docs/performance.md)
 
         def step(L):
             ids = torch.randint(0, vocab, (L,)).tolist()
-            t.rows = [{"input_ids": ids, "labels": ids}]
-            t.state.epoch = t.state.index = 0
-            t._train_step()
+            t.set_rows([{"input_ids": ids, "labels": ids}])
+            t.step()
     else:
         model = hf_prepare(model, case)
         model.train()

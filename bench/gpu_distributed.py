@@ -164,7 +164,8 @@ def main() -> int:
 
     m1 = make_model(root / "llama_1b_random", args.tokenizer, vocab_size=128256, hidden_size=2048,
                     intermediate_size=8192, num_hidden_layers=16, num_attention_heads=32, num_key_value_heads=8)
-    from lmtune.train.distributed_engines import DeepSpeedEngine, FSDP2Engine
+    from lmtune.train.strategies.deepspeed import DeepSpeedStrategy
+    from lmtune.train.strategies.fsdp2 import FSDP2Strategy
 
     if "int8" in cases:
         cfg = write_cfg(root / "int8.py", model=str(m1), method="lora", quantization="int8", max_steps=3,
@@ -184,7 +185,7 @@ def main() -> int:
                         **common)
         c = load_config(str(cfg))
         try:
-            engine = FSDP2Engine(c) if key == "fsdp2" else DeepSpeedEngine(c)
+            engine = FSDP2Strategy(c) if key == "fsdp2" else DeepSpeedStrategy(c)
         except Exception as e:
             ROWS.append(dict(case=name, error=f"{type(e).__name__}: {e}"))
             continue

@@ -22,12 +22,18 @@ from lmtune.errors import UserError
 
 
 def _records(n=24):
+    """Answers of 1 to ~100 tokens: with equal lengths a per-process (instead of global) loss
+    normalisation would give the same result and go unnoticed."""
     return [{"messages": [{"role": "user", "content": f"Question {i}: what is {i} plus {i}?"},
-                          {"role": "assistant", "content": f"The answer is {2 * i}."}]} for i in range(n)]
+                          {"role": "assistant", "content": " ".join(["yes"] * (1 + (i * 41) % 100))}]}
+            for i in range(n)]
 
 
 def _write_cfg(path: Path, model: str, data: Path, **kw) -> Path:
-    base = dict(model=model, datasets=[str(data)], max_length=128, method="full", lr=1e-3, batch_size=2,
+    # SGD: its update is linear in the gradient, so weights can be compared tightly on any CPU
+    # (Adam turns summation-order noise in near-zero gradients into update-sized differences).
+    base = dict(model=model, datasets=[str(data)], max_length=256, method="full", lr=0.05, optimizer="sgd",
+                batch_size=2,
                 accumulative_counts=2, max_steps=4, save_steps=100, logging_steps=1, warmup_ratio=0.0,
                 lora_dropout=0.0, seed=0, pack_to_max_length=False, mixed_precision="no", save_total_limit=0)
     base.update(kw)
@@ -220,7 +226,7 @@ def _cfg(tmp_path, **kw):
 
 
 def test_deepspeed_config_takes_batch_clipping_precision_from_lmtune(tmp_path):
-    from lmtune.train.distributed_engines import deepspeed_config
+    from lmtune.train.strategies.deepspeed import deepspeed_config
 
     for name in ("deepspeed_zero1", "zero2", "deepspeed_zero2_offload", "zero3", "deepspeed_zero3_offload"):
         cfg = _cfg(tmp_path, deepspeed=name, batch_size=3, accumulative_counts=4, max_norm=0.5)
@@ -243,7 +249,7 @@ def test_deepspeed_config_takes_batch_clipping_precision_from_lmtune(tmp_path):
 
 
 def test_deepspeed_unknown_name_and_bad_json(tmp_path):
-    from lmtune.train.distributed_engines import deepspeed_template
+    from lmtune.train.strategies.deepspeed import deepspeed_template
 
     with pytest.raises(UserError, match="neither a built-in name") as e:
         deepspeed_template("deepspeed_zero4")
@@ -257,7 +263,7 @@ def test_deepspeed_unknown_name_and_bad_json(tmp_path):
 def test_missing_deepspeed_is_a_clear_message(tmp_path, monkeypatch):
     import builtins
 
-    from lmtune.train import distributed_engines
+    from lmtune.train import strategies
 
     real_import = builtins.__import__
 
@@ -268,5 +274,5 @@ def test_missing_deepspeed_is_a_clear_message(tmp_path, monkeypatch):
 
     monkeypatch.setattr(builtins, "__import__", no_deepspeed)
     with pytest.raises(UserError, match="needs the deepspeed package") as e:
-        distributed_engines.make_engine(_cfg(tmp_path, strategy="deepspeed", deepspeed="zero2"))
+        strategies.make_strategy(_cfg(tmp_path, strategy="deepspeed", deepspeed="zero2"))
     assert "DS_BUILD_OPS=0" in e.value.hint

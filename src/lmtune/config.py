@@ -13,7 +13,7 @@ import dataclasses
 import difflib
 import os
 import re
-import shutil
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,7 +64,7 @@ class Config:
     # ---- PART 4: optimizer & schedule -------------------------------------------------
     lr: float = 2e-4
     # adamw: torch's (fused on GPU); *_8bit / paged_*: bitsandbytes (8-bit state, paged to host memory)
-    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "adamw"
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "sgd"] = "adamw"
     weight_decay: float = 0.0
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     max_norm: float = 1.0  # gradient clipping; 0 = off
@@ -382,7 +382,24 @@ def resolve_config_path(name_or_path: str) -> Path:
     raise UserError(f"config '{name_or_path}' is neither a file nor a built-in config", hint=hint)
 
 
+def _xtuner_name(name_or_path: str):
+    """An XTuner-style built-in name mapped onto ours (see config_names.py), or None."""
+    from lmtune.config_names import resolve_xtuner_name
+
+    if Path(name_or_path).suffix or os.sep in name_or_path:
+        return None
+    return resolve_xtuner_name(name_or_path, list_builtin())
+
+
 def load_raw(name_or_path: str) -> tuple[dict, dict, str]:
+    if not Path(name_or_path).is_file() and not any(
+            (BUILTIN_DIR / f"{name_or_path}{s}").is_file() for s in ("", ".py", ".yaml", ".yml")):
+        resolved = _xtuner_name(name_or_path)
+        if resolved is not None:
+            print(f"[lmtune] '{name_or_path}' is an XTuner-style name; using the built-in '{resolved.name}'"
+                  + "".join(f"\n         - {n}" for n in resolved.notes), file=sys.stderr)
+            raw, lines, source = load_raw(resolved.name)
+            return {**raw, **resolved.overrides}, lines, source
     path = resolve_config_path(name_or_path)
     if path.suffix in (".yaml", ".yml"):
         import yaml
@@ -477,14 +494,26 @@ def list_builtin(pattern: str | None = None) -> list[str]:
     return names
 
 
-def copy_builtin(name: str, dest_dir: str) -> Path:
-    src = resolve_config_path(name)
-    dest = Path(dest_dir)
-    dest.mkdir(parents=True, exist_ok=True)
-    target = dest / f"{src.stem}_copy{src.suffix}"
-    tmp = target.with_suffix(target.suffix + ".tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, target)
+def copy_builtin(name: str, dest_dir: str, overwrite: bool = False) -> Path:
+    """Copy a built-in config to DEST_DIR/NAME_copy.py; an edited copy there is kept unless `overwrite`.
+    An XTuner-style name copies our nearest built-in under the user's name, with the differences noted."""
+    from lmtune.atomic import atomic_file
+
+    resolved = None if Path(name).is_file() else _xtuner_name(name)
+    if resolved is not None and (BUILTIN_DIR / f"{name}.py").is_file():
+        resolved = None
+    src = resolve_config_path(resolved.name if resolved else name)
+    target = Path(dest_dir) / f"{name if resolved else src.stem}_copy{src.suffix}"
+    text = src.read_text(encoding="utf-8")
+    if resolved:  # keep the user's name; say what differs; carry the epochs over
+        header = "".join(f"# - {n}\n" for n in resolved.notes)
+        text = f"# From lmtune's built-in '{resolved.name}' for the XTuner-style name '{name}':\n{header}\n" + text
+        for key, value in resolved.overrides.items():
+            text, n = re.subn(rf"^{key} = .*$", f"{key} = {value!r}", text, flags=re.M)
+            if not n:
+                text += f"{key} = {value!r}\n"
+    with atomic_file(target, overwrite=overwrite) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
     return target
 
 

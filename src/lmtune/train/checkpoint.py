@@ -24,6 +24,7 @@ from typing import Callable
 from lmtune.errors import UserError
 
 MANIFEST = "manifest.json"
+SHARDS_FILE = "shards.json"  # in a sharded checkpoint: which strategy wrote it, how, by how many ranks
 _ITER_RE = re.compile(r"^iter_(\d+)$")
 
 
@@ -157,3 +158,67 @@ def prune_checkpoints(work_dir: Path, keep: int) -> None:
     complete = [p for p in list_checkpoints(work_dir) if verify_checkpoint(p) is None]
     for old in complete[keep:]:
         shutil.rmtree(old, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------- reading state back
+
+
+def python_rng_state() -> list:
+    import random
+
+    version, internal, gauss = random.getstate()
+    return [version, list(internal), gauss]
+
+
+def python_rng_tuple(state) -> tuple:
+    version, internal, gauss = state
+    return (version, tuple(internal), gauss)
+
+
+def load_plain(path: Path, map_location=None):
+    """torch.load without pickle: tensors, numbers, strings and containers only. A file that needs
+    more (a foreign or tampered checkpoint) is refused instead of running its code."""
+    import torch
+
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as e:  # torch raises UnpicklingError (or RuntimeError) for disallowed objects
+        raise UserError(f"{path} holds more than plain tensors and numbers, so it was not loaded ({type(e).__name__})",
+                        hint="resume only from checkpoints lmtune wrote; a checkpoint from elsewhere may run code "
+                             "when unpickled") from None
+
+
+# --------------------------------------------------------------------------- sharded checkpoints
+
+
+def is_sharded_checkpoint(folder: Path) -> bool:
+    return (Path(folder) / SHARDS_FILE).is_file()
+
+
+def load_sharded_weights(folder: Path, params: dict) -> dict:
+    """The trainable weights of a sharded checkpoint, whole, in one process (no process group):
+    for `lmtune convert pth_to_hf`. `params` are the model's parameters by name; for DCP files the
+    values are read straight into them (no second copy of the model in memory)."""
+    folder = Path(folder)
+    info = json.loads((folder / SHARDS_FILE).read_text(encoding="utf-8"))
+    if info.get("format") == "dcp":
+        import torch.distributed.checkpoint as dcp
+
+        meta = dcp.FileSystemReader(str(folder)).read_metadata()
+        saved = {k[len("model."):] for k in meta.state_dict_metadata if k.startswith("model.")}
+        wanted = {n: p for n, p in params.items() if n in saved}
+        if not wanted:
+            raise UserError(f"checkpoint {folder} holds no weights of this model",
+                            hint="pass the config the checkpoint was trained with, or omit CONFIG")
+        target = {n: p.detach() for n, p in wanted.items()}
+        dcp.load({"model": target}, checkpoint_id=str(folder), no_dist=True)
+        return target
+    if info.get("format") == "deepspeed":
+        from lmtune.train.runtime import import_deepspeed
+
+        import_deepspeed()
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        # The fp32 master weights, put together from every rank's partition file.
+        return dict(get_fp32_state_dict_from_zero_checkpoint(str(folder), tag=""))
+    raise UserError(f"checkpoint {folder}: unknown shard format {info.get('format')!r}")

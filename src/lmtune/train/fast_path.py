@@ -198,7 +198,9 @@ def finish(fp: FastPath, model, cfg, device: torch.device) -> FastPath:
         if device.type != "cuda":
             fp.why["compile"] = "compile = True ignored on a CPU run"
         else:
-            layers = _decoder_layers(model)
+            from lmtune.models.kinds import decoder_layers
+
+            layers = decoder_layers(model)
             for layer in layers:
                 layer.compile(dynamic=True)
             fp.compile = bool(layers)
@@ -206,12 +208,6 @@ def finish(fp: FastPath, model, cfg, device: torch.device) -> FastPath:
     else:
         fp.why["compile"] = "compile = False: the fused kernels above already cover the memory-bound ops"
     return fp
-
-
-def _decoder_layers(model) -> list:
-    from transformers.modeling_layers import GradientCheckpointingLayer
-
-    return [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
 
 
 # ----------------------------------------------------------------------------- checkpoint offload

@@ -32,13 +32,13 @@ def train_command(args) -> int:
     launched = "LOCAL_RANK" in os.environ or int(os.environ.get("SLURM_NTASKS", "1") or 1) > 1
     if launched or cfg.strategy not in ("auto", "single"):
         try:
-            from lmtune.train.distributed_engines import make_engine
+            from lmtune.train.strategies import make_strategy
         except ImportError as e:
             raise UserError(f"strategy '{cfg.strategy}' is not available: {e}") from None
-        dist = make_engine(cfg)
+        dist = make_strategy(cfg)
     from lmtune.train.loop import run_training
 
-    out = run_training(cfg, work_dir, resume=args.resume, dist=dist)
+    out = run_training(cfg, work_dir, resume=args.resume, dist=dist, overwrite=args.overwrite)
     if out is not None:
         print(f"[lmtune] done. Chat with it:  lmtune chat {out}")
     return 0

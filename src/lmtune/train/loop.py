@@ -1,19 +1,22 @@
 """The training loop. Read it top to bottom: setup, train, save.
 
     trainer = Trainer(cfg, work_dir)
-    trainer.setup(resume_from)   # tokenizer, data, model (+LoRA), optimizer, schedule, state
+    trainer.setup(resume_from)   # tokenizer, data, model (+LoRA), objective, optimizer, schedule, state
     trainer.train()              # steps, logging, probes, checkpoints, final Hugging Face export
 
+The Trainer can be given its parts instead of building them from the config (benchmarks and
+tests do): `Trainer(cfg, work_dir, model=base_model, rows=rows, objective=obj, tokenizer=tok)`.
+A given `model` is the base model before adapters; the Trainer adds LoRA and the fast path.
+
 One optimizer step consumes `batch_size × accumulative_counts × world_size` rows. The loss of a
-step is the token-level mean over every loss token of that whole step, so accumulation and
-process count do not change the result (8 × 1 equals 1 × 8).
+step is the objective's sum over the whole step divided by its count over the whole step (loss
+tokens for SFT, pairs for DPO), so accumulation and process count do not change the result.
 """
 
 from __future__ import annotations
 
 import json
 import math
-import os
 import random
 import shutil
 import sys
@@ -26,8 +29,13 @@ import torch
 from lmtune.config import Config, check_paths, dump_config
 from lmtune.errors import UserError
 from lmtune.train import checkpoint as ckpt
-from lmtune.train.objectives import count_loss_tokens, flat_batch, loss_sum, to_device
-from lmtune.train.schedule import make_scheduler
+from lmtune.train.batch import to_device
+from lmtune.train.objectives import Forward, make_objective
+from lmtune.train.run_identity import check_resume, prepare_work_dir, run_identity
+from lmtune.train.run_log import RunLog
+from lmtune.train.runtime import make_optimizer, param_groups, pick_device, pick_precision, seed_everything
+from lmtune.train.schedule import lr_lambda, make_scheduler
+from lmtune.train.strategies import SingleProcess
 
 
 @dataclass
@@ -37,98 +45,65 @@ class TrainState:
     index: int = 0  # rows of that epoch already consumed (the data position)
     tokens_seen: int = 0
     history: list = field(default_factory=list)  # [(step, loss)]
-
-
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise UserError(f"device '{name}' was asked for, but no CUDA GPU is available", hint="set device = 'auto'")
-    return torch.device(name)
-
-
-def pick_precision(cfg: Config, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32."""
-    mode = cfg.mixed_precision
-    if mode == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return None
-    return {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mode]
-
-
-def seed_everything(seed: int) -> None:
-    random.seed(seed)
-    torch.manual_seed(seed)
-    try:
-        import numpy as np
-
-        np.random.seed(seed % (2**32))
-    except ImportError:
-        pass
-
-
-def make_adamw(groups, cfg: Config, device: torch.device):
-    """AdamW as the config asks: torch's (fused on GPU), or bitsandbytes' 8-bit / paged variants,
-    which keep the optimizer state in 8 bits and/or page it to host memory under pressure."""
-    kind = cfg.optimizer
-    if kind == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=device.type == "cuda")
-    try:
-        import bitsandbytes as bnb
-    except ImportError:
-        raise UserError(f"optimizer '{kind}' needs bitsandbytes", where=cfg._source,
-                        hint="pip install 'lmtune[qlora]', or set optimizer = 'adamw'") from None
-    cls = {"adamw_8bit": bnb.optim.AdamW8bit, "paged_adamw": bnb.optim.PagedAdamW,
-           "paged_adamw_8bit": bnb.optim.PagedAdamW8bit}[kind]
-    return cls(groups, lr=cfg.lr, betas=tuple(cfg.betas))
+    metrics: dict = field(default_factory=dict)  # {name: [(step, value)]} from the objective
 
 
 class Trainer:
-    def __init__(self, cfg: Config, work_dir: str | Path, dist=None):
+    def __init__(self, cfg: Config, work_dir: str | Path, dist=None, *, model=None, rows=None, objective=None,
+                 tokenizer=None, template=None, model_kind=None):
+        from lmtune.models.kinds import model_kind as kind_for
+
         self.cfg = cfg
         self.work_dir = Path(work_dir)
-        # `dist` describes the process group (rank, world size, wrapping); None = one process.
-        from lmtune.train.distributed import SingleProcess
-
+        # `dist`: the strategy (process group, wrapping, checkpoint I/O); None = one process.
         self.dist = dist or SingleProcess()
+        self.io = self.dist.state  # checkpoint I/O and export gathering
+        self.kind = model_kind or kind_for(cfg)
+        self.model, self.rows, self.objective = model, rows, objective
+        self.tokenizer, self.template = tokenizer, template
         self.state = TrainState()
-        self.log_file = None
-        self.tb = None
+        self.log = RunLog(self.work_dir, enabled=self.dist.is_main)
 
     # ------------------------------------------------------------------ setup
     def setup(self, resume_from: Path | None = None) -> None:
         cfg = self.cfg
-        check_paths(cfg)
+        if self.model is None or self.rows is None:
+            check_paths(cfg)
         seed_everything(cfg.seed)
         self.device = self.dist.device(pick_device(cfg.device))
         self.amp_dtype = pick_precision(cfg, self.device)
+        self.dist.setup_precision(self.amp_dtype, self.device)
         self._setup_tokenizer_and_data()
         self._setup_model()
+        self.objective = self.objective or make_objective(cfg)
         self._setup_optimizer()
+        self.identity = run_identity(cfg, self.rows, self.rows_per_step, self.dist.world_size, self.dist.name)
         if resume_from is not None:
             self._load_checkpoint(resume_from)
+        self.objective.setup(self)
         if self.dist.is_main:
             self.work_dir.mkdir(parents=True, exist_ok=True)
             (self.work_dir / "logs").mkdir(exist_ok=True)
             dump_config(cfg, self.work_dir / "config.py")
 
     def _setup_tokenizer_and_data(self) -> None:
-        from lmtune.data.dataset import build_dataset
         from lmtune.data.templates import get_template
-        from lmtune.models.loader import load_tokenizer
 
         cfg = self.cfg
-        self.tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-        self.template = get_template(cfg.prompt_template, self.tokenizer)
-        data = build_dataset(cfg, self.tokenizer, self.template)
-        self.rows = data.rows
-        self.data_stats = data.stats
+        if self.tokenizer is None and self.rows is None:
+            self.tokenizer = self.kind.load_tokenizer(cfg)
+        if self.template is None and self.tokenizer is not None:
+            self.template = get_template(cfg.prompt_template, self.tokenizer)
+        self.data_stats = {}
+        if self.rows is None:
+            from lmtune.data.dataset import build_dataset
+
+            data = build_dataset(cfg, self.tokenizer, self.template)
+            self.rows, self.data_stats = data.rows, data.stats
         if not self.rows:
             raise UserError("the training data is empty after tokenization", where=cfg._source,
                             hint="run `lmtune data check CONFIG` to see what was skipped and why")
-        per_step = cfg.batch_size * cfg.accumulative_counts * self.dist.world_size
-        self.rows_per_step = per_step
+        self.rows_per_step = per_step = cfg.batch_size * cfg.accumulative_counts * self.dist.world_size
         if cfg.max_steps > 0:
             self.total_steps = cfg.max_steps
         else:
@@ -139,32 +114,15 @@ class Trainer:
         )
 
     def _setup_model(self) -> None:
-        from lmtune.models.loader import load_model
-
-        cfg = self.cfg
-        dtype = cfg.torch_dtype
-        if dtype == "auto":
-            # Master weights in fp32 on CPU (autocast handles bf16 compute); the checkpoint's own
-            # dtype on GPU for frozen weights, with trainable LoRA weights upcast below.
-            dtype = "float32" if self.device.type == "cpu" or cfg.method == "full" else "auto"
-        model = load_model(
-            cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle,
-            quantization=cfg.quantization, device=str(self.device) if cfg.quantization != "none" else None,
-            attn_implementation=None if cfg.attn_implementation == "auto" else cfg.attn_implementation,
-        )
-        model.config.use_cache = False
-        # Attention, fused kernels, checkpointing and QLoRA preparation; prints what it chose and why.
         from lmtune.train import fast_path
 
+        cfg = self.cfg
+        model = self.model if self.model is not None else self.kind.load(cfg, self.device)
+        model.config.use_cache = False
+        # Attention, fused kernels, checkpointing and QLoRA preparation; prints what it chose and why.
         fast = fast_path.setup_base_model(model, cfg, self.device, self.amp_dtype)
         if cfg.method == "lora":
-            from peft import LoraConfig, get_peft_model
-
-            lora = LoraConfig(
-                r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                target_modules=cfg.lora_target_modules, task_type="CAUSAL_LM", bias="none",
-            )
-            model = get_peft_model(model, lora)
+            model = self.kind.add_lora(model, cfg)
             for p in model.parameters():  # trainable adapter weights always in fp32
                 if p.requires_grad and p.dtype != torch.float32:
                     p.data = p.data.float()
@@ -175,6 +133,7 @@ class Trainer:
             model.to(self.device)
         self.fast = fast_path.finish(fast, model, cfg, self.device)
         self.fast.report(self.dist.log)
+        self.forward = Forward(fast=self.fast, kind=self.kind)
         self.model = model  # the unwrapped model (peft or plain): what we save
         self.train_model = self.dist.wrap(model, cfg)  # what we call forward/backward on
         n_train = sum(p.numel() for p in model.parameters() if p.requires_grad)
@@ -184,15 +143,17 @@ class Trainer:
 
     def _setup_optimizer(self) -> None:
         cfg = self.cfg
-        params = [p for p in self.train_model.parameters() if p.requires_grad]
-        decay = [p for p in params if p.ndim >= 2]
-        no_decay = [p for p in params if p.ndim < 2]
-        groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-        self.optimizer = self.dist.make_optimizer(groups, lambda g: make_adamw(g, cfg, self.device))
+        groups = param_groups(self.train_model.parameters(), cfg.weight_decay)
+        self.optimizer = self.dist.make_optimizer(groups, lambda g: make_optimizer(g, cfg, self.device))
         self.scheduler = make_scheduler(self.optimizer, self.total_steps, cfg.warmup_ratio, cfg.lr_scheduler,
                                         cfg.min_lr_ratio)
 
     # ------------------------------------------------------------------ data order
+    def set_rows(self, rows) -> None:
+        """Train on other rows from the start of an epoch (benchmarks probing sizes use it)."""
+        self.rows, self._order = rows, None
+        self.state.epoch = self.state.index = 0
+
     def _epoch_order(self, epoch: int) -> list[int]:
         """A permutation of the rows for `epoch`, the same in every process and after a resume."""
         cached = getattr(self, "_order", None)
@@ -212,26 +173,22 @@ class Trainer:
             st.index += len(take)
             if st.index >= len(order):
                 st.epoch, st.index = st.epoch + 1, 0
-        self._step_loss_tokens = count_loss_tokens(picked)
+        self.last_step_rows = picked
+        self._step_count = self.objective.count(picked)
         self._step_tokens = sum(len(r["input_ids"]) for r in picked)
         bs, world, rank = cfg.batch_size, self.dist.world_size, self.dist.rank
-        micro = []
-        for i in range(cfg.accumulative_counts):
-            start = (i * world + rank) * bs
-            micro.append(picked[start:start + bs])
-        return micro
+        return [picked[(i * world + rank) * bs:(i * world + rank + 1) * bs] for i in range(cfg.accumulative_counts)]
 
     # ------------------------------------------------------------------ train
     def train(self) -> Path | None:
         cfg = self.cfg
-        self._open_logs()
+        self.log.open()
         if cfg.evaluation_inputs and self.state.step == 0:
             self._probe()
         bar = self._progress()
         t_start, tokens_at_start = time.time(), self.state.tokens_seen
         while self.state.step < self.total_steps:
-            loss = self._train_step()
-            self.state.step += 1
+            loss, metrics = self.step()
             step = self.state.step
             if not math.isfinite(loss):
                 prev = ckpt.latest_checkpoint(self.work_dir, quiet=True)
@@ -242,7 +199,6 @@ class Trainer:
                     hint="lower lr, enable gradient clipping (max_norm), or check the data of this step; "
                     "resume with --resume auto",
                 )
-            self.state.history.append((step, loss))
             elapsed = time.time() - t_start
             tok_s = (self.state.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
             lr = self.scheduler.get_last_lr()[0]
@@ -250,9 +206,11 @@ class Trainer:
                 bar.set_postfix(loss=f"{loss:.4f}", lr=f"{lr:.2e}", tok_s=f"{tok_s:.0f}", refresh=False)
                 bar.update(1)
             if step % cfg.logging_steps == 0 or step == self.total_steps:
-                self._log({"step": step, "loss": round(loss, 6), "lr": lr, "tokens_per_s": round(tok_s, 1),
-                           "epoch": round(self.state.epoch + self.state.index / len(self.rows), 4),
-                           "tokens_seen": self.state.tokens_seen})
+                self.log.write({"step": step, "loss": round(loss, 6), **{k: round(v, 6) for k, v in metrics.items()},
+                                "lr": lr, "tokens_per_s": round(tok_s, 1),
+                                "epoch": round(self.state.epoch + self.state.index / len(self.rows), 4),
+                                "tokens_seen": self.state.tokens_seen})
+                self.log.plot(self.state.history, self.state.metrics, force=step == self.total_steps)
             if cfg.evaluation_freq and step % cfg.evaluation_freq == 0 and step != self.total_steps:
                 self._probe()
             if step % cfg.save_steps == 0 or step == self.total_steps:
@@ -262,59 +220,57 @@ class Trainer:
         if cfg.evaluation_inputs:
             self._probe()
         out = self.export_final()
-        self._close_logs()
+        self.log.close()
         return out
 
-    def _train_step(self) -> float:
-        """One optimizer step over all micro-batches; returns the step's mean token loss."""
+    def step(self) -> tuple[float, dict[str, float]]:
+        """One optimizer step over all micro-batches (no logging, probes or saving); returns the
+        step's mean loss and metrics. `last_step_rows` holds the rows it consumed."""
         cfg, model = self.cfg, self.train_model
         model.train()
         micro_batches = self._next_step_rows()
-        denom = max(1, self._step_loss_tokens)
-        total = torch.zeros((), device=self.device)
+        denom = max(1, self._step_count)  # over the whole global step (every process picked all its rows)
+        total = torch.zeros((), device=self.device, dtype=torch.float64)
+        sums: dict[str, torch.Tensor] = {}
         for i, rows in enumerate(micro_batches):
-            batch = to_device(flat_batch(rows), self.device)
+            batch = to_device(self.objective.make_batch(rows), self.device)
             with self.dist.no_sync(model, last=i == len(micro_batches) - 1):
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                    s, _ = loss_sum(model, batch, fast=self.fast)
+                    s, metrics = self.objective.loss(model, batch, self.forward)
                 # Scale so the gradient is that of the mean over the whole global step; the
-                # engines average gradients over processes, hence × world_size.
+                # strategies average gradients over processes, hence × world_size.
                 self.dist.backward(s * (self.dist.world_size / denom), model)
                 total += s.detach()
+                for k, v in metrics.items():
+                    sums[k] = sums.get(k, 0) + v.detach().float()
         self.dist.clip_and_step(model, self.optimizer, cfg.max_norm)
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.tokens_seen += self._step_tokens
-        return self.dist.sum_scalar(total) / denom
+        metrics_out = {}
+        if sums:
+            names = sorted(sums)
+            values = self.dist.sum_tensor(torch.stack([sums[k].reshape(()) for k in names])).tolist()
+            metrics_out = {k: v / denom for k, v in zip(names, values)}
+        loss = self.dist.sum_scalar(total) / denom
+        self.state.step += 1
+        if math.isfinite(loss):
+            self.state.history.append((self.state.step, loss))
+            for name, value in metrics_out.items():
+                self.state.metrics.setdefault(name, []).append((self.state.step, value))
+        return loss, metrics_out
 
-    # ------------------------------------------------------------------ probes and logs
+    # ------------------------------------------------------------------ probes and progress
     def _probe(self) -> None:
-        from lmtune.models.generation import greedy_reply
-        from lmtune.models.quant import trainable_layout
+        from lmtune.train.probes import probe_answers
 
-        model = self.model
-        was_training = model.training
-        model.eval()
-        model.config.use_cache = True
-        answers = []
-        # Every process generates (sharded engines gather weights collectively); only the main one
-        # prints. trainable_layout: generating must not leave 4-bit layers in bitsandbytes' CPU
-        # inference layout, in which LoRA gradients are silently wrong (see models/quant.py).
-        with trainable_layout(model):
-            for q in self.cfg.evaluation_inputs:
-                with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
-                    text, stopped = greedy_reply(model, self.tokenizer, self.template, q, self.cfg.system,
-                                                 self.cfg.eval_max_new_tokens)
-                answers.append({"question": q, "answer": text, "stopped": stopped})
-        model.config.use_cache = False
-        if was_training:
-            model.train()
+        answers = probe_answers(self.model, self.tokenizer, self.template, self.cfg, self.device, self.amp_dtype)
         if not self.dist.is_main:
             return
         print(f"\n[lmtune] step {self.state.step}: answers to evaluation_inputs", file=sys.stderr)
         for a in answers:
             print(f"  Q: {a['question']}\n  A: {a['answer']}", file=sys.stderr)
-        self._log({"step": self.state.step, "probe": answers}, echo=False)
+        self.log.write({"step": self.state.step, "probe": answers})
 
     def _progress(self):
         if not self.dist.is_main:
@@ -324,68 +280,9 @@ class Trainer:
         return tqdm(total=self.total_steps, initial=self.state.step, desc="train", unit="step",
                     dynamic_ncols=True, file=sys.stderr)
 
-    def _open_logs(self) -> None:
-        if not self.dist.is_main:
-            return
-        logs = self.work_dir / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        self.log_file = open(logs / "train_log.jsonl", "a", encoding="utf-8")
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.tb = SummaryWriter(str(logs / "tensorboard"))
-        except ImportError:
-            self.tb = None
-        self._last_plot = 0.0
-
-    def _log(self, record: dict, echo: bool = True) -> None:
-        if not self.dist.is_main or self.log_file is None:
-            return
-        record = {"time": round(time.time(), 3), **record}
-        self.log_file.write(json.dumps(record, ensure_ascii=False) + "\n")
-        self.log_file.flush()
-        if "loss" in record:
-            if self.tb is not None:
-                self.tb.add_scalar("train/loss", record["loss"], record["step"])
-                self.tb.add_scalar("train/lr", record["lr"], record["step"])
-                self.tb.add_scalar("train/tokens_per_s", record["tokens_per_s"], record["step"])
-            if time.time() - self._last_plot > 5 or record["step"] == self.total_steps:
-                self._plot()
-
-    def _plot(self) -> None:
-        """Loss curve PNG in the work dir (written atomically)."""
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        if not self.state.history:
-            return
-        steps, losses = zip(*self.state.history)
-        fig, ax = plt.subplots(figsize=(6, 3.5), dpi=100)
-        ax.plot(steps, losses, lw=1.2)
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.set_title("training loss")
-        ax.grid(alpha=0.3)
-        fig.tight_layout()
-        tmp = self.work_dir / ".loss_curve.tmp.png"
-        fig.savefig(tmp)
-        plt.close(fig)
-        os.replace(tmp, self.work_dir / "loss_curve.png")
-        self._last_plot = time.time()
-
-    def _close_logs(self) -> None:
-        if self.log_file is not None:
-            self.log_file.close()
-            self.log_file = None
-        if self.tb is not None:
-            self.tb.close()
-            self.tb = None
-
     # ------------------------------------------------------------------ checkpoints
     def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.dist.trainable_state_dict(self.model)
+        return self.io.trainable_state_dict(self.model)
 
     def save_checkpoint(self) -> Path | None:
         """Write iter_N atomically (every process takes part; the main process writes)."""
@@ -393,7 +290,7 @@ class Trainer:
 
         st = self.state
         stage = None
-        if self.dist.sharded:
+        if self.io.sharded:
             # Every process writes its part into a staging folder; once all have (barrier), the
             # main process moves the parts into iter_N with the rest, then writes the manifest.
             stage = self.work_dir / f".iter_{st.step}.shards"
@@ -401,21 +298,24 @@ class Trainer:
                 shutil.rmtree(stage, ignore_errors=True)
                 stage.mkdir(parents=True)
             self.dist.barrier()
-            self.dist.save_shards(self.train_model, self.optimizer, stage)
+            self.io.save_shards(self.train_model, self.optimizer, stage)
             self.dist.barrier()
         else:
             weights = self.trainable_state_dict()
-            optim_state = self.dist.optimizer_state_dict(self.model, self.optimizer)
+            optim_state = self.io.optimizer_state_dict(self.model, self.optimizer)
         if not self.dist.is_main:
             self.dist.barrier()
             return None
-        rng = {"torch": torch.get_rng_state(), "python": random.getstate()}
+        # Plain tensors and lists only: read back with weights_only=True (no pickle runs on load).
+        rng = {"torch": torch.get_rng_state(), "python": ckpt.python_rng_state()}
         if torch.cuda.is_available():
             rng["cuda"] = torch.cuda.get_rng_state_all()
         trainer_state = {"step": st.step, "epoch": st.epoch, "index": st.index, "tokens_seen": st.tokens_seen,
-                         "history": st.history, "total_steps": self.total_steps, "method": self.cfg.method}
+                         "history": st.history, "metrics": st.metrics, "total_steps": self.total_steps,
+                         "method": self.cfg.method, "run": self.identity,
+                         "grad_scaler": self.dist.scaler.state_dict() if self.dist.scaler is not None else None}
         if stage is not None:
-            writers = {f.name: (lambda p, f=f: os.replace(f, p)) for f in sorted(stage.iterdir()) if f.is_file()}
+            writers = {f.name: (lambda p, f=f: f.replace(p)) for f in sorted(stage.iterdir()) if f.is_file()}
         else:
             writers = {
                 "model.safetensors": lambda p: save_file({k: v.contiguous() for k, v in weights.items()}, str(p)),
@@ -439,46 +339,61 @@ class Trainer:
     def _load_checkpoint(self, path: Path) -> None:
         from safetensors.torch import load_file
 
-        sharded_ckpt = (path / "shards.json").is_file()
-        if sharded_ckpt != self.dist.sharded:
+        st = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+        cfg = self.cfg
+        check_resume(st.get("run") or {}, self.identity, st.get("total_steps", 0), self.total_steps, st["step"],
+                     lambda total: cfg.lr * lr_lambda(st["step"], total, int(round(total * cfg.warmup_ratio)),
+                                                      cfg.lr_scheduler, cfg.min_lr_ratio),
+                     sharded=self.io.sharded, log=self.dist.log)
+        sharded_ckpt = ckpt.is_sharded_checkpoint(path)
+        if sharded_ckpt != self.io.sharded:
             raise UserError(
                 f"checkpoint {path} was written {'in shards' if sharded_ckpt else 'whole'}, but this run's "
-                f"strategy ({self.cfg.strategy}) {'saves whole' if sharded_ckpt else 'saves in shards'}",
+                f"strategy ({cfg.strategy}) {'saves whole' if sharded_ckpt else 'saves in shards'}",
                 hint="resume with the strategy it was trained with; `lmtune convert pth_to_hf` reads either kind",
             )
         if not sharded_ckpt:
-            weights = load_file(str(path / "model.safetensors"))
-            self.dist.load_trainable_state_dict(self.model, weights)
-            optim_state = torch.load(path / "optimizer.pt", map_location="cpu", weights_only=True)
-            self.dist.load_optimizer_state_dict(self.model, self.optimizer, optim_state)
-        self.scheduler.load_state_dict(torch.load(path / "scheduler.pt", weights_only=True))
-        rng = torch.load(path / "rng.pt", weights_only=False)
+            self.io.load_trainable_state_dict(self.model, load_file(str(path / "model.safetensors")))
+            optim_state = ckpt.load_plain(path / "optimizer.pt", map_location="cpu")
+            self.io.load_optimizer_state_dict(self.model, self.optimizer, optim_state)
+        self.scheduler.load_state_dict(ckpt.load_plain(path / "scheduler.pt"))
+        rng = ckpt.load_plain(path / "rng.pt")
         torch.set_rng_state(rng["torch"])
-        random.setstate(rng["python"])
+        random.setstate(ckpt.python_rng_tuple(rng["python"]))
         if "cuda" in rng and torch.cuda.is_available():
             torch.cuda.set_rng_state_all(rng["cuda"])
         if sharded_ckpt:  # after the shared RNG: each process restores its own stream too
-            self.dist.load_shards(self.train_model, self.optimizer, path)
-        st = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+            self.io.load_shards(self.train_model, self.optimizer, path)
+        if st.get("grad_scaler") and self.dist.scaler is not None:
+            self.dist.scaler.load_state_dict(st["grad_scaler"])
         self.state = TrainState(step=st["step"], epoch=st["epoch"], index=st["index"],
-                                tokens_seen=st["tokens_seen"], history=[tuple(h) for h in st["history"]])
+                                tokens_seen=st["tokens_seen"], history=[tuple(h) for h in st["history"]],
+                                metrics={k: [tuple(x) for x in v] for k, v in (st.get("metrics") or {}).items()})
+        self.resumed_from = path
         self.dist.log(f"resumed from {path} at step {self.state.step}")
 
     def export_final(self) -> Path | None:
         """The ready-to-use Hugging Face folder work_dir/hf (adapter or full model)."""
-        from lmtune.export import save_trained_model
+        from lmtune.export.hf import save_trained_model
 
-        full_state = self.dist.full_state_dict_for_export(self.model)
+        full_state = self.io.full_state_dict_for_export(self.model)
         if not self.dist.is_main:
             return None
+        if self.tokenizer is None:
+            raise UserError("the final Hugging Face folder needs a tokenizer; this Trainer was given rows without one",
+                            hint="pass tokenizer= to the Trainer")
         out = self.work_dir / "hf"
         save_trained_model(self.model, self.tokenizer, self.cfg, self.template, out, state_dict=full_state)
         self.dist.log(f"final model written to {out}")
         return out
 
 
-def run_training(cfg: Config, work_dir: str | Path, resume: str | None = None, dist=None) -> Path | None:
-    resume_from = ckpt.resolve_resume(Path(work_dir), resume)
+def run_training(cfg: Config, work_dir: str | Path, resume: str | None = None, dist=None,
+                 overwrite: bool = False) -> Path | None:
+    dist = dist or SingleProcess()
+    # Only the main process removes a previous run (--overwrite); the others wait for it.
+    resume_from = prepare_work_dir(Path(work_dir), resume, overwrite, log=dist.log, remove=dist.is_main)
+    dist.barrier()
     trainer = Trainer(cfg, work_dir, dist=dist)
     trainer.setup(resume_from)
     return trainer.train()
