@@ -491,7 +491,7 @@ def worker(args):
 
     out = Path(args.out)
     extra = json.loads(args.extra) if args.extra else None
-    stack = args.stack + (f"[{args.tag}]" if args.tag else "")
+    stack = args.stack + (f"-{args.tag}" if args.tag else "")
     res_path = out / f"results_{stack}.jsonl"
     with open(res_path, "a") as f:
         for name in [c for c in args.cases.split(",") if c]:
