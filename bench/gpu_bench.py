@@ -28,7 +28,7 @@ lr 1e-4 constant, clip 1.0; LoRA r=16, alpha 32, dropout 0 on all linear layers;
 double quantization, bf16 compute. Each stack's own checkpointing choice (HF: on, as needed for
 these sizes; Unsloth: its default; lmtune: auto).
 
-Figures: the first step is warm-up; the others are timed one by one (CUDA-synchronised), and a row
+Figures: the first two steps are warm-up; the others are timed one by one (CUDA-synchronised), and a row
 gives the median tokens/s (real tokens: padding excluded) with its min-max spread. MFU =
 (k N tokens + causal attention FLOPs) / time / measured bf16 matmul peak, k = 4 for LoRA/QLoRA
 (frozen weights get no weight gradient) and 6 for full fine-tuning; N counts the matmul weights
@@ -36,7 +36,7 @@ gives the median tokens/s (real tokens: padding excluded) with its min-max sprea
 reserved GiB from the step loop (setup excluded).
 
     python bench/gpu_bench.py --out DIR [--cases lora-8b-4096,...] [--stacks hf,unsloth,lmtune,...]
-                              [--steps 4] [--maxlen]
+                              [--steps 5] [--maxlen]
 """
 
 from __future__ import annotations
@@ -192,20 +192,24 @@ def gib(x):
     return round(x / 2**30, 2)
 
 
+WARMUP = 2  # steps not timed (kernel compilation, allocator growth, Unsloth's lazy patching)
+
+
 def result(name, stack, case, stamps, tokens, slots, losses, **extra):
-    """Per-step figures from the step end times (stamps[0] = end of the warm-up step)."""
+    """Per-step figures from the step end times; the first WARMUP steps are not timed."""
     import torch
 
     steps = []
-    for k in range(1, len(stamps)):
+    for k in range(WARMUP, len(stamps)):
         dt = stamps[k] - stamps[k - 1]
         steps.append({"s": dt, "tokens": tokens[k], "tflops": train_flops(case, tokens[k]) / dt / 1e12})
     tps = [sum(s["tokens"]) / s["s"] for s in steps]
-    real = sum(sum(t) for t in tokens[1:])
+    real = sum(sum(t) for t in tokens[WARMUP:])
     return {"case": name, "stack": stack, "tokens_per_s": statistics.median(tps), "tps_min": min(tps),
             "tps_max": max(tps), "tflops": statistics.median(s["tflops"] for s in steps),
             "tokens_per_step": real / len(steps), "steps_timed": len(steps),
-            "padding_fraction": round(1 - real / max(1, sum(slots[1:])), 3) if slots else 0.0,
+            "padding_fraction": round(1 - real / max(1, sum(slots[WARMUP:])), 3) if slots else 0.0,
+            "step_tokens_per_s": [round(x) for x in tps],
             "peak_alloc_gib": gib(torch.cuda.max_memory_allocated()),
             "peak_reserved_gib": gib(torch.cuda.max_memory_reserved()), "losses": losses, **extra}
 
@@ -576,7 +580,7 @@ def main():
     ap.add_argument("--stacks", default="hf,trl_pf,unsloth,lmtune,lmtune_capped")
     ap.add_argument("--defaults-cases", default="lora-8b-4096", help="cases that also run hf_defaults ('' for none)")
     ap.add_argument("--no-peak", action="store_true", help="skip the matmul peak measurement (use 795)")
-    ap.add_argument("--steps", type=int, default=4, help="optimizer steps per run (the first is not timed)")
+    ap.add_argument("--steps", type=int, default=5, help=f"optimizer steps per run (the first {WARMUP} not timed)")
     ap.add_argument("--maxlen", action="store_true")
     ap.add_argument("--extra", default="", help="lmtune config overrides (JSON), for variants")
     ap.add_argument("--tag", default="", help="names an lmtune variant's rows (with --extra)")

@@ -100,7 +100,9 @@ class Config:
     use_liger_kernel: Literal["auto", "on", "off"] = "auto"
     lora_impl: Literal["auto", "fused", "peft"] = "auto"  # fused: the adapter inside the base matmul's node
     compile: bool = False
-    cpu_offload: bool = False
+    # True: checkpointed layer inputs wait in pinned CPU memory (FSDP2: parameters too); "auto": only
+    # when the memory estimate says checkpointing alone does not fit (single GPU).
+    cpu_offload: Union[bool, Literal["auto"]] = "auto"
 
     # Where the config came from (not a user key).
     _source: Optional[str] = field(default=None, repr=False)

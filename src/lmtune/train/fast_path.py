@@ -215,7 +215,7 @@ def setup_base_model(model, cfg, device: torch.device, amp_dtype) -> FastPath:
         if cfg.method == "lora" or quantized:
             model.enable_input_require_grads()
         fp.checkpointing, fp.why["checkpointing"] = "on", "gradient_checkpointing = True: one layer's activations at a time"
-        if cfg.cpu_offload:
+        if cfg.cpu_offload is True:
             if device.type != "cuda":
                 fp.why["checkpointing"] += "; cpu_offload ignored on a CPU run"
             else:
@@ -283,18 +283,22 @@ def plan_memory(fp: FastPath, model, cfg, device: torch.device, amp_dtype) -> No
                                                   lora_dropout=cfg.lora_dropout if cfg.method == "lora" else 0.0)
     state = {"adamw": 2.0, "sgd": 0.0}.get(cfg.optimizer, 0.5)  # 8-bit states: a quarter of fp32's two
     est = memory.Estimate(model, layers, per_token=per_token, hidden=config.hidden_size,
-                          budget=memory.available_bytes(device), optimizer_state_factor=state,
-                          offload=cfg.cpu_offload, autocast_dtype=amp_dtype)
+                          budget=memory.available_bytes(device), optimizer_state_factor=state, autocast_dtype=amp_dtype)
+    offload = None if cfg.cpu_offload == "auto" else cfg.cpu_offload
     if cfg.batch_tokens == "auto":
         fp.batch_tokens = est.max_tokens(len(layers) if cfg.gradient_checkpointing is True else 0,
-                                         cfg.max_length, max(cfg.max_length, 32768))
+                                         cfg.max_length, max(cfg.max_length, 32768), offload=offload is True)
         fp.why["micro"] = "batch_tokens = 'auto': the most the memory estimate fits"
     tokens = max(fp.batch_tokens, cfg.max_length) if fp.batch_tokens else cfg.batch_size * cfg.max_length
     if cfg.gradient_checkpointing != "auto":
         return
-    plan = est.plan(tokens)
+    plan = est.plan(tokens, offload)
     for i, layer in enumerate(layers):
         layer.gradient_checkpointing = i < plan.checkpointed
+        if plan.offload and i < plan.checkpointed:
+            layer._gradient_checkpointing_func = offloaded_checkpoint
+    if plan.offload and "offload" not in fp.checkpointing:
+        fp.checkpointing += " + CPU offload"
     if plan.checkpointed == 0:
         fp.checkpointing = "off"
         if cfg.method == "lora" or cfg.quantization != "none":

@@ -29,6 +29,7 @@ GIB = 2**30
 class Plan:
     checkpointed: int  # layers that recompute their forward (the first ones)
     layers: int
+    offload: bool  # their inputs wait in pinned CPU memory
     need_gib: float  # estimated peak with this plan
     budget_gib: float
     fits: bool
@@ -37,6 +38,7 @@ class Plan:
         which = ("no layer" if self.checkpointed == 0 else "every layer" if self.checkpointed == self.layers
                  else f"{self.checkpointed} of {self.layers} layers")
         tail = "" if self.fits else " (does not fit even with every layer checkpointed: expect out-of-memory)"
+        which += ", inputs offloaded to CPU" if self.offload and self.checkpointed else ""
         return (f"{which} (memory estimate for {tokens} tokens per micro-batch: {self.need_gib:.1f} GiB of "
                 f"{self.budget_gib:.1f} GiB available){tail}")
 
@@ -64,6 +66,8 @@ def activation_bytes_per_token(config, *, liger: bool, lora_dropout: float = 0.0
 
 def available_bytes(device: torch.device) -> int:
     """What this process may still allocate on `device`."""
+    if device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     free, total = torch.cuda.mem_get_info(device)
     limit = total
     get_frac = getattr(torch.cuda, "get_per_process_memory_fraction", None)
@@ -77,8 +81,8 @@ class Estimate:
     """The estimated peak of a step as a function of (checkpointed layers, tokens per micro-batch)."""
 
     def __init__(self, model, layers: list, *, per_token: int, hidden: int, budget: int,
-                 optimizer_state_factor: float, offload: bool, autocast_dtype):
-        self.layers, self.per_token, self.hidden, self.budget, self.offload = layers, per_token, hidden, budget, offload
+                 optimizer_state_factor: float, autocast_dtype):
+        self.layers, self.per_token, self.hidden, self.budget = layers, per_token, hidden, budget
         trainable = [p for p in model.parameters() if p.requires_grad]
         # gradients (the parameter's dtype) and optimizer state (AdamW: 2 values per parameter)
         self.static = sum(p.numel() * p.element_size() * (1 + optimizer_state_factor) for p in trainable)
@@ -93,10 +97,11 @@ class Estimate:
         self.out_grad = out.weight.numel() * 4 if trains_out else 0
         self.slack = int(0.05 * budget) + int(0.75 * GIB)
 
-    def need(self, k: int, tokens: int) -> int:
-        """Bytes still to allocate at the peak with the first `k` layers checkpointed."""
+    def need(self, k: int, tokens: int, offload: bool = False) -> int:
+        """Bytes still to allocate at the peak with the first `k` layers checkpointed (their inputs
+        offloaded to the CPU or not)."""
         full = [tokens * self.per_token + w for w in self.weight_copies]
-        ckpt_input = 0 if self.offload else tokens * self.hidden * 2
+        ckpt_input = 0 if offload else tokens * self.hidden * 2
         acts = sum(full[k:]) + k * ckpt_input + (max(full[:k]) if k else 0)
         # The loss: a chunk of fp32 logits and its bf16 gradient (~2^27 values), the hidden-state
         # gradient, an fp32 accumulator when the output layer trains. One layer's backward: about
@@ -104,22 +109,31 @@ class Estimate:
         loss = (1 << 27) * 6 + tokens * self.hidden * 4 + self.out_grad
         return int(self.static + acts + max(loss, max(full)) + self.slack)
 
-    def plan(self, tokens: int) -> Plan:
-        """The fewest checkpointed layers whose estimated peak fits."""
+    def plan(self, tokens: int, offload: bool | None = None) -> Plan:
+        """The fewest checkpointed layers whose estimated peak fits; offload None: their inputs stay
+        on the GPU unless only offloading them fits."""
         n = len(self.layers)
-        k = next((k for k in range(n + 1) if self.need(k, tokens) <= self.budget), n)
-        need = self.need(k, tokens)
-        return Plan(checkpointed=k, layers=n, need_gib=need / GIB, budget_gib=self.budget / GIB,
-                    fits=need <= self.budget)
+        for off in ([False, True] if offload is None else [offload]):
+            k = next((k for k in range(n + 1) if self.need(k, tokens, off) <= self.budget), None)
+            if k is not None:
+                break
+        if k is None:
+            k, off = n, offload is not False
+        need = self.need(k, tokens, off)
+        return Plan(checkpointed=k, layers=n, offload=off and k > 0, need_gib=need / GIB,
+                    budget_gib=self.budget / GIB, fits=need <= self.budget)
 
-    def max_tokens(self, k: int, low: int, high: int) -> int:
+    def max_tokens(self, k: int, low: int, high: int, offload: bool = False) -> int:
         """The most tokens per micro-batch (in [low, high], a multiple of 256) that fit with `k`
         checkpointed layers; `low` when none does."""
-        if self.need(k, low) > self.budget:
+        def fits(t):
+            return self.need(k, t, offload) <= self.budget
+
+        if not fits(low):
             return low
         lo, hi = low, high
         while hi - lo > 256:
             mid = (lo + hi) // 2
-            lo, hi = (mid, hi) if self.need(k, mid) <= self.budget else (lo, mid)
-        best = hi if self.need(k, hi) <= self.budget else lo
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+        best = hi if fits(hi) else lo
         return max(low, best // 256 * 256)
