@@ -597,9 +597,11 @@ def main():
     torch.cuda.empty_cache()  # the workers' memory estimates read the free memory
     device = torch.cuda.get_device_name(0)
     log(f"bf16 peak {peak / 1e12:.0f} TFLOP/s on {device}")
-    runs = [(s, args.cases) for s in args.stacks.split(",") if s]
-    if args.defaults_cases:
-        runs.insert(0, ("hf_defaults", args.defaults_cases))
+    runs = []
+    for stack in [s for s in args.stacks.split(",") if s]:
+        if stack == "hf" and args.defaults_cases:
+            runs.append(("hf_defaults", args.defaults_cases))
+        runs.append((stack, args.cases))
     for stack, cases in runs:
         cmd = [sys.executable, __file__, "--worker", "--stack", stack, "--out", str(out), "--cases", cases,
                "--steps", str(args.steps), "--extra", args.extra, "--tag", args.tag] + (["--maxlen"] if args.maxlen else [])
