@@ -236,10 +236,11 @@ def lmtune_trainer(model, case, work, rows, extra=None):
 def run_lmtune(name, case, steps, extra=None, cap_gib=None, stack="lmtune"):
     import torch
 
-    if cap_gib:
-        torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
     dtype = torch.float32 if case["method"] == "full" else torch.bfloat16
     model = build_model(case["shape"], dtype, case["quant"])
+    if cap_gib:  # after the build (NF4 is quantized from a bf16 model), before lmtune plans its memory
+        torch.cuda.empty_cache()
+        torch.cuda.set_per_process_memory_fraction(cap_gib * 2**30 / torch.cuda.get_device_properties(0).total_memory)
     t = lmtune_trainer(model, case, "/tmp/lmtune_bench", samples(case, steps), extra=extra)
     fast = t.fast.lines()
     torch.cuda.synchronize()
@@ -440,9 +441,10 @@ def maxlen_lmtune(budget_gib: float):
 
     case = dict(CASES["qlora-8b-4096"], b=1, a=1, seq=max(LENGTHS))
     total = torch.cuda.get_device_properties(0).total_memory
-    torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib * 2**30 / total))
     vocab = SHAPES[case["shape"]]["vocab_size"]
-    model = build_model(case["shape"], torch.bfloat16, "nf4")
+    model = build_model(case["shape"], torch.bfloat16, "nf4")  # quantized from bf16: built before the cap
+    torch.cuda.empty_cache()
+    torch.cuda.set_per_process_memory_fraction(min(1.0, budget_gib * 2**30 / total))
     first = torch.randint(0, vocab, (8,)).tolist()
     t = lmtune_trainer(model, case, "/tmp/lmtune_maxlen", [{"input_ids": first, "labels": first}])
     best, peak, lines = 0, None, t.fast.lines()
@@ -542,7 +544,7 @@ def report(out: Path, peak: float, device: str) -> str:
                 rows[(r["case"], r["stack"])] = r
     lines = [f"GPU: {device}; measured bf16 matmul peak {peak / 1e12:.0f} TFLOP/s; {time.strftime('%Y-%m-%d')}", "",
              "| case | stack | tokens/s median (min-max) | MFU | real tokens/step | padding | peak alloc GiB | "
-             "peak reserved GiB | lmtune ÷ this |", "|---|---|---|---|---|---|---|---|---|"]
+             "peak reserved GiB | lmtune (/ capped) ÷ this |", "|---|---|---|---|---|---|---|---|---|"]
     stacks = STACKS + sorted({s for _, s in rows} - set(STACKS))
     for name in [c for c in CASES if any(k[0] == c for k in rows)]:
         ours = rows.get((name, "lmtune"))
@@ -553,10 +555,12 @@ def report(out: Path, peak: float, device: str) -> str:
             if "error" in r:
                 lines.append(f"| {name} | {LABEL.get(stack, stack)} | {r['error'][:110]} | | | | | | |")
                 continue
-            ratio = ""
-            if ours and "error" not in ours and not stack.startswith("lmtune"):
-                ratio = (f"{ours['tokens_per_s'] / r['tokens_per_s']:.2f}x speed, "
-                         f"{ours['peak_reserved_gib'] / r['peak_reserved_gib']:.2f}x memory")
+            ratio = []
+            for mine in (ours, rows.get((name, "lmtune_capped"))):
+                if mine and "error" not in mine and not stack.startswith("lmtune"):
+                    ratio.append(f"{mine['tokens_per_s'] / r['tokens_per_s']:.2f}x speed, "
+                                 f"{mine['peak_reserved_gib'] / r['peak_reserved_gib']:.2f}x memory")
+            ratio = " / ".join(ratio)
             label = LABEL.get(stack, stack) + (f" ({r['cap_gib']} GiB)" if r.get("cap_gib") else "")
             if stack == "unsloth":
                 label += " (padding-free)" if r.get("padding_free") else " (padded)"

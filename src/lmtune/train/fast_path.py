@@ -279,7 +279,9 @@ def plan_memory(fp: FastPath, model, cfg, device: torch.device, amp_dtype) -> No
             fp.why["micro"] = f"batch_tokens = 'auto': batch_size rows ({why})"
         return
     config = base_model(model).config
-    per_token = memory.activation_bytes_per_token(config, liger=fp.kernels == "liger",
+    emb = base_model(model).get_input_embeddings()
+    fp32_stream = amp_dtype is not None and getattr(emb, "weight", None) is not None and emb.weight.dtype == torch.float32
+    per_token = memory.activation_bytes_per_token(config, liger=fp.kernels == "liger", fp32_stream=fp32_stream,
                                                   lora_dropout=cfg.lora_dropout if cfg.method == "lora" else 0.0)
     state = {"adamw": 2.0, "sgd": 0.0}.get(cfg.optimizer, 0.5)  # 8-bit states: a quarter of fp32's two
     est = memory.Estimate(model, layers, per_token=per_token, hidden=config.hidden_size,

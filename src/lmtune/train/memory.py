@@ -43,8 +43,10 @@ class Plan:
                 f"{self.budget_gib:.1f} GiB available){tail}")
 
 
-def activation_bytes_per_token(config, *, liger: bool, lora_dropout: float = 0.0) -> int:
-    """Bytes one decoder layer keeps for backward per token (bf16 activations)."""
+def activation_bytes_per_token(config, *, liger: bool, lora_dropout: float = 0.0, fp32_stream: bool = False) -> int:
+    """Bytes one decoder layer keeps for backward per token (bf16 activations; `fp32_stream`: fp32
+    weights under bf16 autocast, where the residual stream and the norms stay fp32 and each matmul
+    keeps its own bf16 copy of a norm's output)."""
     h = config.hidden_size
     heads = config.num_attention_heads
     hd = getattr(config, "head_dim", None) or h // heads
@@ -61,6 +63,8 @@ def activation_bytes_per_token(config, *, liger: bool, lora_dropout: float = 0.0
         elems += 8 * h + inter
     if lora_dropout > 0:  # each adapter keeps its own dropped-out input (+ a 1-byte mask)
         extra += 3 * (5 * h + q + inter)
+    if fp32_stream:  # the four norm tensors at 4 bytes, and two bf16 casts of the norm outputs
+        extra += 12 * h
     return int(1.1 * (2 * elems + extra))
 
 
