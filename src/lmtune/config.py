@@ -79,7 +79,7 @@ class Config:
     accumulative_counts: int = 16
     # Micro-batches of at most this many tokens instead of `batch_size` rows each (a step still takes
     # batch_size x accumulative_counts rows, so the result is the same); "auto": the most the GPU's
-    # free memory holds (see docs/performance.md). None: `batch_size` rows per micro-batch.
+    # free memory holds (single GPU and DDP; elsewhere batch_size rows). None: `batch_size` rows.
     batch_tokens: Union[int, Literal["auto"], None] = None
 
     # ---- PART 5: runtime --------------------------------------------------------------
@@ -245,7 +245,7 @@ def validate(raw: dict, source: str | None = None, lines: dict | None = None) ->
     cfg = Config(**values)
     cfg._source = source
     _check_datasets(cfg, source, lines)
-    if cfg.batch_tokens is not None and (cfg.strategy in ("fsdp2", "deepspeed") or cfg.deepspeed):
+    if isinstance(cfg.batch_tokens, int) and (cfg.strategy in ("fsdp2", "deepspeed") or cfg.deepspeed):
         where = f"{source}:{lines['batch_tokens']}" if source and "batch_tokens" in lines else source
         raise UserError(f"batch_tokens cannot be used with strategy '{cfg.strategy}'{' (deepspeed)' * bool(cfg.deepspeed)}: "
                         "its processes must all run the same number of micro-batches", where=where,

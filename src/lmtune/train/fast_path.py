@@ -17,6 +17,7 @@ for this run; the run prints one line per choice saying what it took and why:
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 
@@ -236,6 +237,9 @@ def finish(fp: FastPath, model, cfg, device: torch.device, amp_dtype=None) -> Fa
     fp.why["micro"] = "set in the config" if fp.batch_tokens else "batch_tokens = None"
     if cfg.batch_tokens == "auto" and device.type != "cuda":
         fp.why["micro"] = "batch_tokens = 'auto' on the CPU: batch_size rows"
+    elif cfg.batch_tokens == "auto" and (cfg.strategy in ("fsdp2", "deepspeed") or cfg.deepspeed):
+        fp.why["micro"] = "batch_tokens = 'auto': batch_size rows (FSDP2/DeepSpeed run the same micro-batches everywhere)"
+        cfg = dataclasses.replace(cfg, batch_tokens=None)
     if device.type == "cuda" and "auto" in (cfg.gradient_checkpointing, cfg.batch_tokens):
         plan_memory(fp, model, cfg, device, amp_dtype)
     fp.loss, fp.why["loss"] = choose_loss(cfg, device, model)
