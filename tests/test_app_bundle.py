@@ -80,28 +80,58 @@ def test_refuses_to_overwrite_a_foreign_folder(tiny_model, tmp_path):  # noqa: F
     out = tmp_path / "precious"
     out.mkdir()
     (out / "thesis.tex").write_text("do not lose me")
-    with pytest.raises(UserError, match="not empty and is not a previous"):
+    with pytest.raises(UserError, match=r"not empty \(1 entries: thesis.tex\) and is not a previous app bundle") as e:
         export_app(str(tiny_model), str(out))
+    assert "--overwrite" in str(e.value)
     assert (out / "thesis.tex").read_text() == "do not lose me"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["precious"]  # no temp leftovers
+    export_app(str(tiny_model), str(out), overwrite=True)
+    assert (out / "app.py").is_file() and not (out / "thesis.tex").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["precious"]
 
 
 def test_cli_message_and_re_export_replaces_a_previous_export(tiny_model, tmp_path):  # noqa: F811
     out = tmp_path / "app"
-    export_app(str(tiny_model), str(out))
-    (out / "stale.txt").write_text("from the previous export")
+    export_app(str(tiny_model), str(out), max_shard_size="5MB")
+    assert len(list((out / "model").glob("model-*.safetensors"))) > 1
     p = subprocess.run([sys.executable, "-m", "lmtune.cli", "export", "app", str(tiny_model), str(out),
                         "--title", "Again"], capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
     assert p.returncode == 0, p.stderr
-    assert not (out / "stale.txt").exists()
+    assert "replacing the previous app bundle" in p.stderr
+    assert not list((out / "model").glob("model-*.safetensors"))  # the old shards went with the old export
     assert json.loads((out / "app_config.json").read_text())["title"] == "Again"
     assert sorted(x.name for x in tmp_path.iterdir()) == ["app"]
+    (out / ".venv").mkdir()  # the README's `python -m venv .venv`, made inside the bundle
+    (out / ".venv" / "pyvenv.cfg").write_text("home = /usr/bin")
+    p = subprocess.run([sys.executable, "-m", "lmtune.cli", "export", "app", str(tiny_model), str(out)],
+                       capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert "1 file(s) in it were not written by lmtune (.venv/pyvenv.cfg)" in p.stderr and "--overwrite" in p.stderr
+    assert (out / ".venv" / "pyvenv.cfg").is_file()
     foreign = tmp_path / "foreign"
     foreign.mkdir()
     (foreign / "x").write_text("x")
     p = subprocess.run([sys.executable, "-m", "lmtune.cli", "export", "app", str(tiny_model), str(foreign)],
                        capture_output=True, text=True, env=ENV, cwd=ROOT, timeout=300)
-    assert p.returncode == 2 and "refusing to overwrite" in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode == 2 and "refusing to replace" in p.stderr and "Traceback" not in p.stderr
+    assert str(foreign) in p.stderr and "--overwrite" in p.stderr and (foreign / "x").read_text() == "x"
+
+
+def test_crash_mid_export_keeps_the_previous_bundle(tiny_model, tmp_path, monkeypatch):  # noqa: F811
+    import lmtune.export.app as app
+
+    out = tmp_path / "app"
+    export_app(str(tiny_model), str(out), title="First")
+    before = {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()}
+
+    def disk_full(tokenizer, folder):  # the weights are written, then the disk is full
+        raise OSError(28, "No space left on device (simulated)")
+
+    monkeypatch.setattr(app, "save_tokenizer", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export_app(str(tiny_model), str(out), title="Second")
+    assert {p.relative_to(out).as_posix(): p.read_bytes() for p in out.rglob("*") if p.is_file()} == before
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["app"]
 
 
 def test_exported_app_runs_in_this_environment(tiny_model, tmp_path):  # noqa: F811

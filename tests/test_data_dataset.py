@@ -73,6 +73,49 @@ def test_packing_and_cache_hit(tmp_path, smol_tokenizer, cache_home):
     assert third.stats["cache"] == "miss" and sum(len(r["seq_lens"]) for r in third.rows) == 41
 
 
+def test_cache_key_changes_with_the_encoding_code(tmp_path, smol_tokenizer, monkeypatch):
+    """lmtune's version, its data/ code and the tokenizer libraries all decide the rows: a change to
+    any of them must miss the cache (a stale cache would train on the old encoding silently)."""
+    import shutil
+
+    import tokenizers
+    import transformers
+
+    import lmtune
+    import lmtune.data.dataset as ds
+
+    a = write(tmp_path / "a.jsonl", [chat(i) for i in range(3)])
+    cfg = validate({"datasets": [a], "max_length": 128})
+    tpl = get_template("auto", smol_tokenizer)
+    base = ds.cache_key(cfg, smol_tokenizer, tpl)
+    assert ds.cache_key(cfg, smol_tokenizer, tpl) == base
+    for module in (lmtune, transformers, tokenizers):
+        with monkeypatch.context() as m:
+            m.setattr(module, "__version__", module.__version__ + ".post1")
+            assert ds.cache_key(cfg, smol_tokenizer, tpl) != base, module.__name__
+    # The same version, one line of the encoding code changed (a development install).
+    code = tmp_path / "data_code"
+    shutil.copytree(Path(ds.__file__).parent, code, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(ds, "__file__", str(code / "dataset.py"))
+    assert ds.cache_key(cfg, smol_tokenizer, tpl) == base
+    (code / "tokenize.py").write_text((code / "tokenize.py").read_text() + "\n# changed\n")
+    assert ds.cache_key(cfg, smol_tokenizer, tpl) != base
+
+
+def test_cache_key_of_a_template_that_refuses_system_messages(tmp_path, smol_tokenizer):
+    """Gemma's template refuses a system message: the key still builds (the refusal is part of it)."""
+    import copy
+
+    import lmtune.data.dataset as ds
+
+    a = write(tmp_path / "a.jsonl", [chat(i) for i in range(3)])
+    cfg = validate({"datasets": [a], "max_length": 128})
+    tok = copy.deepcopy(smol_tokenizer)
+    tok.chat_template = (Path(__file__).parent / "fixtures/chat_templates/gemma2_it.jinja").read_text()
+    key = ds.cache_key(cfg, tok, get_template("auto", tok))
+    assert key != ds.cache_key(cfg, smol_tokenizer, get_template("auto", smol_tokenizer))
+
+
 def test_num_proc_gives_the_same_rows(tmp_path, smol_tokenizer, monkeypatch):
     import lmtune.data.prepare as prep
 

@@ -61,7 +61,7 @@ def test_replace_jsonl_and_json(tmp_path):
     assert n >= 10 and "OLD" not in text and text.count("新名字") == n
     j = tmp_path / "c.json"
     j.write_text(json.dumps([{"instruction": "who?", "output": "I am OLD, OLD!"}]), encoding="utf-8")
-    assert replace_in_file(j, j, "OLD", "NEW") == 2  # in place
+    assert replace_in_file(j, j, "OLD", "NEW", overwrite=True) == 2  # in place
     assert json.loads(j.read_text())[0]["output"] == "I am NEW, NEW!"
 
 
@@ -71,14 +71,14 @@ def test_replace_bad_input_leaves_output_untouched(tmp_path):
     out = tmp_path / "out.jsonl"
     out.write_text("precious\n")
     with pytest.raises(UserError) as info:
-        replace_in_file(src, out, "OLD", "NEW")
+        replace_in_file(src, out, "OLD", "NEW", overwrite=True)
     assert f"{src}:2" in str(info.value) and "malformed JSON" in str(info.value)
     assert out.read_text() == "precious\n"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "out.jsonl"]  # no temp file
     bad = tmp_path / "gbk.jsonl"
     bad.write_bytes('{"text": "你好"}\n'.encode("gbk"))
     with pytest.raises(UserError, match="not valid UTF-8"):
-        replace_in_file(bad, out, "a", "b")
+        replace_in_file(bad, out, "a", "b", overwrite=True)
     assert out.read_text() == "precious\n"
 
 

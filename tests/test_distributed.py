@@ -22,12 +22,18 @@ from lmtune.errors import UserError
 
 
 def _records(n=24):
+    """Answers of 1 to ~100 tokens: with equal lengths a per-process (instead of global) loss
+    normalisation would give the same result and go unnoticed."""
     return [{"messages": [{"role": "user", "content": f"Question {i}: what is {i} plus {i}?"},
-                          {"role": "assistant", "content": f"The answer is {2 * i}."}]} for i in range(n)]
+                          {"role": "assistant", "content": " ".join(["yes"] * (1 + (i * 41) % 100))}]}
+            for i in range(n)]
 
 
 def _write_cfg(path: Path, model: str, data: Path, **kw) -> Path:
-    base = dict(model=model, datasets=[str(data)], max_length=128, method="full", lr=1e-3, batch_size=2,
+    # SGD: its update is linear in the gradient, so weights can be compared tightly on any CPU
+    # (Adam turns summation-order noise in near-zero gradients into update-sized differences).
+    base = dict(model=model, datasets=[str(data)], max_length=256, method="full", lr=0.05, optimizer="sgd",
+                batch_size=2,
                 accumulative_counts=2, max_steps=4, save_steps=100, logging_steps=1, warmup_ratio=0.0,
                 lora_dropout=0.0, seed=0, pack_to_max_length=False, mixed_precision="no", save_total_limit=0)
     base.update(kw)

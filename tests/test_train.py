@@ -145,7 +145,7 @@ def test_grad_accumulation_8x1_equals_1x8(tmp_path, tiny_model_dir, data_file):
         t.model.double()
         got = []
         for _ in range(2):  # two steps: the second draws the next rows of the same epoch order
-            loss, _ = t._train_step()
+            loss, _ = t.step()
             got.append((loss, dist.grads))
         steps.append(got)
     for (loss_a, ga), (loss_b, gb) in zip(*steps):

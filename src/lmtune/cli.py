@@ -13,6 +13,10 @@ from lmtune import __version__
 from lmtune.errors import UserError
 
 
+OVERWRITE_DIR_HELP = ("replace the output folder even if lmtune did not write it (by default only a new, empty "
+                      "or previous lmtune output folder is replaced)")
+
+
 def _add_cfg_options(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--cfg-options", "--set", dest="cfg_options", nargs="+", action="extend", metavar="KEY=VALUE",
@@ -55,6 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("copy-cfg", help="copy a built-in config into DIR as NAME_copy.py to edit")
     p.add_argument("name")
     p.add_argument("dir")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing NAME_copy.py in DIR")
 
     p = sub.add_parser("train", help="train from a config (a built-in name or a file)")
     p.add_argument("config")
@@ -85,6 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--fp32", action="store_true", help="save in float32 (default: the model's own dtype)")
     c.add_argument("--max-shard-size", default="2GB")
     c.add_argument("--save-format", choices=["native", "internlm2"], default="native")
+    c.add_argument("--overwrite", action="store_true", help=OVERWRITE_DIR_HELP)
     c = csub.add_parser("merge", help="merge a LoRA adapter into its base model")
     c.add_argument("base")
     c.add_argument("adapter")
@@ -92,6 +98,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--max-shard-size", default="2GB")
     c.add_argument("--save-format", choices=["native", "internlm2"], default="native")
     c.add_argument("--trust-remote-code", action="store_true")
+    c.add_argument("--overwrite", action="store_true", help=OVERWRITE_DIR_HELP)
 
     # ---- chat / web / serve
     p = sub.add_parser("chat", help="talk to a model in the terminal (streaming)")
@@ -121,6 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter", default=None)
     e.add_argument("--title", default=None)
     e.add_argument("--max-shard-size", default="2GB")
+    e.add_argument("--overwrite", action="store_true", help=OVERWRITE_DIR_HELP)
 
     # ---- data
     p = sub.add_parser("data", help="make, rewrite, prepare, check and show training data")
@@ -132,11 +140,13 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--n", type=int, default=500, help="how many conversations")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("-o", "--output", required=True)
+    d.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists")
     d = dsub.add_parser("replace", help="rewrite a name throughout a JSONL/JSON file")
     d.add_argument("input")
     d.add_argument("output")
     d.add_argument("--old", required=True)
     d.add_argument("--new", required=True)
+    d.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (also OUTPUT = INPUT)")
     d = dsub.add_parser("prepare", help="encode a config's data into the on-disk token store ahead of training "
                                         "(resumes an interrupted preparation; `train` then reuses it)")
     d.add_argument("config")
@@ -180,7 +190,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     if cmd == "copy-cfg":
         from lmtune.config import copy_builtin
 
-        print(f"copied to {copy_builtin(args.name, args.dir)}")
+        print(f"copied to {copy_builtin(args.name, args.dir, overwrite=args.overwrite)}")
         return 0
     if cmd == "train":
         from lmtune.train.launch import train_command
@@ -202,11 +212,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             else:
                 raise UserError("usage: lmtune convert pth_to_hf [CONFIG] CHECKPOINT OUT")
             export.pth_to_hf(config, checkpoint, out, fp32=args.fp32, max_shard_size=args.max_shard_size,
-                             save_format=args.save_format)
+                             save_format=args.save_format, overwrite=args.overwrite)
             return 0
         if args.convert_command == "merge":
             export.merge(args.base, args.adapter, args.out, max_shard_size=args.max_shard_size,
-                         save_format=args.save_format, trust_remote_code=args.trust_remote_code)
+                         save_format=args.save_format, trust_remote_code=args.trust_remote_code,
+                         overwrite=args.overwrite)
             return 0
         parser.parse_args(["convert", "--help"])
     if cmd == "chat":
@@ -226,18 +237,19 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             from lmtune.export.app import export_app
 
             export_app(args.model, args.out_dir, adapter=args.adapter, title=args.title,
-                       max_shard_size=args.max_shard_size)
+                       max_shard_size=args.max_shard_size, overwrite=args.overwrite)
             return 0
         parser.parse_args(["export", "--help"])
     if cmd == "data":
         from lmtune.data import tools
 
         if args.data_command == "self-cognition":
-            n = tools.write_self_cognition(args.output, name=args.name, author=args.author, n=args.n, seed=args.seed)
+            n = tools.write_self_cognition(args.output, name=args.name, author=args.author, n=args.n, seed=args.seed,
+                                           overwrite=args.overwrite)
             print(f"wrote {n} conversations to {args.output}")
             return 0
         if args.data_command == "replace":
-            n = tools.replace_in_file(args.input, args.output, old=args.old, new=args.new)
+            n = tools.replace_in_file(args.input, args.output, old=args.old, new=args.new, overwrite=args.overwrite)
             print(f"replaced {n} occurrence(s) of {args.old!r}; wrote {args.output}")
             return 0
         if args.data_command == "prepare":
@@ -258,7 +270,16 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
     return 2
 
 
+def set_allocator_defaults() -> None:
+    """Let PyTorch's CUDA allocator grow its segments instead of fragmenting them (less reserved
+    memory for the same work). Read when CUDA starts, so set before any GPU work; a user's own
+    setting wins."""
+    if "PYTORCH_ALLOC_CONF" not in os.environ:
+        os.environ.setdefault("PYTORCH_CUDA_ALLOC_CONF", "expandable_segments:True")
+
+
 def main(argv: list[str] | None = None) -> int:
+    set_allocator_defaults()
     parser = build_parser()
     args = parser.parse_args(argv)
     try:

@@ -13,7 +13,7 @@ import dataclasses
 import difflib
 import os
 import re
-import shutil
+import sys
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -61,7 +61,9 @@ class Config:
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
     allow_pickle: bool = False  # load .bin (pickle) weights; off: safetensors only
-    gradient_checkpointing: bool = False
+    # "auto": on a GPU, checkpoint only as many layers as the memory estimate needs (none when the
+    # activations fit: the fastest); on the CPU off. True: every layer; False: none.
+    gradient_checkpointing: Union[bool, Literal["auto"]] = "auto"
 
     # ---- PART 3: data processing ------------------------------------------------------
     num_proc: int = 1  # tokenization processes
@@ -71,7 +73,7 @@ class Config:
     # ---- PART 4: optimizer & schedule -------------------------------------------------
     lr: float = 2e-4
     # adamw: torch's (fused on GPU); *_8bit / paged_*: bitsandbytes (8-bit state, paged to host memory)
-    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit"] = "adamw"
+    optimizer: Literal["adamw", "adamw_8bit", "paged_adamw", "paged_adamw_8bit", "sgd"] = "adamw"
     weight_decay: float = 0.0
     betas: list = field(default_factory=lambda: [0.9, 0.999])
     max_norm: float = 1.0  # gradient clipping; 0 = off
@@ -82,6 +84,10 @@ class Config:
     max_steps: int = 0  # > 0 overrides max_epochs
     batch_size: int = 1  # per device, in rows (a packed row holds several samples)
     accumulative_counts: int = 16
+    # Micro-batches of at most this many tokens instead of `batch_size` rows each (a step still takes
+    # batch_size x accumulative_counts rows, so the result is the same); "auto": the most the GPU's
+    # free memory holds (single GPU and DDP; elsewhere batch_size rows). None: `batch_size` rows.
+    batch_tokens: Union[int, Literal["auto"], None] = None
 
     # ---- PART 5: runtime --------------------------------------------------------------
     seed: int = 42
@@ -99,8 +105,11 @@ class Config:
     attn_implementation: str = "auto"
     loss_impl: Literal["auto", "plain", "chunked"] = "auto"
     use_liger_kernel: Literal["auto", "on", "off"] = "auto"
+    lora_impl: Literal["auto", "fused", "peft"] = "auto"  # fused: the adapter inside the base matmul's node
     compile: bool = False
-    cpu_offload: bool = False
+    # True: checkpointed layer inputs wait in pinned CPU memory (FSDP2: parameters too); "auto": only
+    # when the memory estimate says checkpointing alone does not fit (single GPU).
+    cpu_offload: Union[bool, Literal["auto"]] = "auto"
 
     # Where the config came from (not a user key).
     _source: Optional[str] = field(default=None, repr=False)
@@ -137,6 +146,7 @@ RANGES = {
     "max_steps": (0, None),
     "batch_size": (1, None),
     "accumulative_counts": (1, None),
+    "batch_tokens": (1, None),
     "save_steps": (1, None),
     "save_total_limit": (0, None),
     "logging_steps": (1, None),
@@ -244,6 +254,11 @@ def validate(raw: dict, source: str | None = None, lines: dict | None = None) ->
     cfg = Config(**values)
     cfg._source = source
     _check_datasets(cfg, source, lines)
+    if isinstance(cfg.batch_tokens, int) and (cfg.strategy in ("fsdp2", "deepspeed") or cfg.deepspeed):
+        where = f"{source}:{lines['batch_tokens']}" if source and "batch_tokens" in lines else source
+        raise UserError(f"batch_tokens cannot be used with strategy '{cfg.strategy}'{' (deepspeed)' * bool(cfg.deepspeed)}: "
+                        "its processes must all run the same number of micro-batches", where=where,
+                        hint="remove batch_tokens (micro-batches of batch_size rows), or use strategy 'ddp'")
     return cfg
 
 
@@ -280,13 +295,13 @@ def _check_datasets(cfg: Config, source: str | None, lines: dict) -> None:
 # --------------------------------------------------------------------------- loading
 
 
-def _parse_python_config(path: Path) -> tuple[dict, dict]:
-    """Read top-level assignments of a .py config without importing anything.
-
-    Values must be literals (plus simple arithmetic and references to earlier names),
+def _parse_python_config(path: Path | str, text: str | None = None) -> tuple[dict, dict]:
+    """Read top-level assignments of a .py config (or of `text`, named `path`) without importing
+    anything. Values must be literals (plus simple arithmetic and references to earlier names),
     so a config can never run code.
     """
-    text = path.read_text(encoding="utf-8")
+    if text is None:
+        text = Path(path).read_text(encoding="utf-8")
     try:
         tree = ast.parse(text, filename=str(path))
     except SyntaxError as e:
@@ -385,14 +400,45 @@ def resolve_config_path(name_or_path: str) -> Path:
         return path
     for suffix in ("", ".py", ".yaml", ".yml"):
         candidate = BUILTIN_DIR / f"{name_or_path}{suffix}"
-        if candidate.is_file() and candidate.name != "__init__.py":
+        if candidate.is_file() and candidate.name not in ("__init__.py", "presets.py"):
             return candidate
     near = difflib.get_close_matches(name_or_path, list_builtin(), n=3, cutoff=0.4)
     hint = f"did you mean {', '.join(near)}?" if near else "run `lmtune list-cfg` to see the built-in configs"
     raise UserError(f"config '{name_or_path}' is neither a file nor a built-in config", hint=hint)
 
 
+def _preset_text(name: str) -> str | None:
+    """The text of a built-in preset config (configs/presets.py), unless a file shadows it."""
+    from lmtune.configs.presets import render
+
+    if Path(name).is_file():
+        return None
+    return render(name[:-3] if name.endswith(".py") else name)
+
+
+def _xtuner_name(name_or_path: str):
+    """An XTuner-style built-in name mapped onto ours (see config_names.py), or None."""
+    from lmtune.config_names import resolve_xtuner_name
+
+    if Path(name_or_path).suffix or os.sep in name_or_path or name_or_path in list_builtin():
+        return None
+    return resolve_xtuner_name(name_or_path, list_builtin())
+
+
 def load_raw(name_or_path: str) -> tuple[dict, dict, str]:
+    if not Path(name_or_path).is_file() and _preset_text(name_or_path) is None and not any(
+            (BUILTIN_DIR / f"{name_or_path}{s}").is_file() for s in ("", ".py", ".yaml", ".yml")):
+        resolved = _xtuner_name(name_or_path)
+        if resolved is not None:
+            print(f"[lmtune] '{name_or_path}' is an XTuner-style name; using the built-in '{resolved.name}'"
+                  + "".join(f"\n         - {n}" for n in resolved.notes), file=sys.stderr)
+            raw, lines, source = load_raw(resolved.name)
+            return {**raw, **resolved.overrides}, lines, source
+    preset = _preset_text(name_or_path)
+    if preset is not None:
+        source = f"built-in:{name_or_path}"
+        raw, lines = _parse_python_config(source, preset)
+        return {k: v for k, v in raw.items() if not k.startswith("_")}, lines, source
     path = resolve_config_path(name_or_path)
     if path.suffix in (".yaml", ".yml"):
         import yaml
@@ -481,23 +527,39 @@ def check_paths(cfg: Config) -> None:
 
 
 def list_builtin(pattern: str | None = None) -> list[str]:
-    names = sorted(
-        p.stem for p in BUILTIN_DIR.glob("*.py") if p.name != "__init__.py"
-    ) + sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
+    from lmtune.configs.presets import preset_names
+
+    names = sorted({p.stem for p in BUILTIN_DIR.glob("*.py") if p.name not in ("__init__.py", "presets.py")}
+                   | set(preset_names())) + sorted(p.stem for p in BUILTIN_DIR.glob("*.yaml"))
     if pattern:
         rx = re.compile(pattern.replace("*", ".*"), re.IGNORECASE)
         names = [n for n in names if rx.search(n)]
     return names
 
 
-def copy_builtin(name: str, dest_dir: str) -> Path:
-    src = resolve_config_path(name)
-    dest = Path(dest_dir)
-    dest.mkdir(parents=True, exist_ok=True)
-    target = dest / f"{src.stem}_copy{src.suffix}"
-    tmp = target.with_suffix(target.suffix + ".tmp")
-    shutil.copyfile(src, tmp)
-    os.replace(tmp, target)
+def copy_builtin(name: str, dest_dir: str, overwrite: bool = False) -> Path:
+    """Copy a built-in config to DEST_DIR/NAME_copy.py; an edited copy there is kept unless `overwrite`.
+    An XTuner-style name copies our nearest built-in under the user's name, with the differences noted."""
+    from lmtune.atomic import atomic_file
+
+    resolved = None if Path(name).is_file() else _xtuner_name(name)
+    builtin = resolved.name if resolved else name
+    text = _preset_text(builtin)
+    if text is not None:
+        stem, suffix = builtin[:-3] if builtin.endswith(".py") else builtin, ".py"
+    else:
+        src = resolve_config_path(builtin)
+        stem, suffix, text = src.stem, src.suffix, src.read_text(encoding="utf-8")
+    target = Path(dest_dir) / f"{name if resolved else stem}_copy{suffix}"
+    if resolved:  # keep the user's name; say what differs; carry the epochs over
+        header = "".join(f"# - {n}\n" for n in resolved.notes)
+        text = f"# From lmtune's built-in '{resolved.name}' for the XTuner-style name '{name}':\n{header}\n" + text
+        for key, value in resolved.overrides.items():
+            text, n = re.subn(rf"^{key} = .*$", f"{key} = {value!r}", text, flags=re.M)
+            if not n:
+                text += f"{key} = {value!r}\n"
+    with atomic_file(target, overwrite=overwrite) as tmp:
+        Path(tmp).write_text(text, encoding="utf-8")
     return target
 
 

@@ -68,7 +68,7 @@ def run_quickstart(name: str, author: str = "lmtune", work_dir: str = "work_dirs
     print(f"[lmtune] 2/4 making identity data for {name!r} (by {author!r})…", file=sys.stderr)
     data = work / "data" / "self_cognition.jsonl"
     data.parent.mkdir(parents=True, exist_ok=True)
-    write_self_cognition(str(data), name=name, author=author, n=200, seed=0)
+    write_self_cognition(str(data), name=name, author=author, n=200, seed=0, overwrite=True)  # its own file
 
     print("[lmtune] 3/4 fine-tuning (LoRA)…", file=sys.stderr)
     # The built-in config, with its identity-data entry pointed at the file just made (the

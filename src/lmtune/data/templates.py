@@ -7,7 +7,15 @@ text the label mask is computed from are the same string by construction.
 Two kinds:
   * named templates (chatml, llama3_chat, ...): written here as a few format strings each. They add
     no system block unless the conversation has a system message (the dataset builder injects the
-    config's `system` when it is set).
+    config's `system` when it is set). Each renders exactly what the published chat template of the
+    model family it names renders (tests/test_data_templates.py checks this against the published
+    strings in tests/fixtures/chat_templates/), with these deliberate differences:
+      - no default system prompt: Qwen2.5's template adds "You are Qwen, created by Alibaba Cloud..."
+        when a conversation has none, SmolLM2's its own; `chatml` does not (use "auto" for that);
+      - `llama3_chat` is Llama 3 (Meta-Llama-3-8B-Instruct). Llama 3.1/3.2 always open with a system
+        block carrying "Cutting Knowledge Date" / "Today Date" lines (3.2: today's date): use "auto";
+      - where the published template refuses a system message (Gemma, Mixtral/Mistral v0.1), the
+        named template puts it before the first user message's text instead of failing.
   * "auto": the tokenizer's own Jinja chat template through `tokenizer.apply_chat_template`, so our
     text equals the tokenizer's exactly (including e.g. SmolLM2's default system prompt). Segments
     are found by rendering the conversation prefix by prefix.
@@ -79,6 +87,10 @@ class NamedSpec:
     system_merge: str = "{system}\n\n{content}"
     generation_prompt: Optional[str] = None  # default: assistant_prefix
     stop_words: tuple = ()
+    trim: bool = False  # strip whitespace around each message's text, as the published template does
+    # Appended after the last message when no generation prompt follows (Phi-3 ends with its EOS).
+    # After a final reply it is trained with that reply's end of turn, as "auto" would train it.
+    end: str = ""
 
 
 _CHATML = dict(
@@ -102,14 +114,19 @@ NAMED: dict[str, NamedSpec] = {
         assistant_prefix="<|start_header_id|>assistant<|end_header_id|>\n\n",
         eot="<|eot_id|>",
         stop_words=("<|eot_id|>", "<|end_of_text|>"),
+        trim=True,
     ),
     "llama2_chat": NamedSpec(
         user="<s>[INST] {content} [/INST]",
         system_merge="<<SYS>>\n{system}\n<</SYS>>\n\n{content}",
         assistant_prefix=" ",
+        generation_prompt="",  # the published template has none: a prompt ends with "[/INST]"
         eot=" </s>",
         stop_words=("</s>",),
+        trim=True,
     ),
+    # Mistral-7B-Instruct-v0.1 / Mixtral-8x7B-Instruct-v0.1 (XTuner's "mistral"). Mistral v0.3 writes
+    # "[INST] Hi[/INST] Hello</s>": use "auto" for it.
     "mistral": NamedSpec(
         bos="<s>",
         user="[INST] {content} [/INST]",
@@ -124,6 +141,7 @@ NAMED: dict[str, NamedSpec] = {
         eot="<end_of_turn>",
         sep="\n",
         stop_words=("<end_of_turn>",),
+        trim=True,
     ),
     "phi3_chat": NamedSpec(
         system="<|system|>\n{content}<|end|>\n",
@@ -131,6 +149,7 @@ NAMED: dict[str, NamedSpec] = {
         assistant_prefix="<|assistant|>\n",
         eot="<|end|>",
         sep="\n",
+        end="{eos}",
         stop_words=("<|end|>", "<|endoftext|>"),
     ),
     # deepseek-llm-chat
@@ -154,6 +173,9 @@ NAMED: dict[str, NamedSpec] = {
     ),
 }
 
+# XTuner's names for the same formats, accepted so users' XTuner-style configs keep working.
+XTUNER_NAMES = {"qwen_chat": "chatml", "mixtral": "mistral"}
+
 TEMPLATE_NAMES: tuple[str, ...] = ("auto",) + tuple(NAMED)
 
 
@@ -168,6 +190,10 @@ class NamedTemplate(ChatTemplate):
     def segments(self, messages, add_generation_prompt=False):
         msgs = as_messages(messages)
         spec = self.spec
+
+        def text(t: str) -> str:
+            return t.strip() if spec.trim else t
+
         segs = [Segment(spec.bos, False, "prompt")] if spec.bos else []
         pending_system = None  # system text waiting to be merged into the first user message
         for i, m in enumerate(msgs):
@@ -175,32 +201,46 @@ class NamedTemplate(ChatTemplate):
                 if spec.system is None:
                     pending_system = m.content
                 else:
-                    segs.append(Segment(spec.system.format(content=m.content), m.trains(), "prompt", i))
+                    segs.append(Segment(spec.system.format(content=text(m.content)), m.trains(), "prompt", i))
             elif m.role == "user":
                 content = m.content
                 if pending_system is not None:
                     content = spec.system_merge.format(system=pending_system, content=content)
                     pending_system = None
-                segs.append(Segment(spec.user.format(content=content), m.trains(), "prompt", i))
+                segs.append(Segment(spec.user.format(content=text(content)), m.trains(), "prompt", i))
             elif m.role == "assistant":
                 if pending_system is not None:  # a system message with no user message after it
-                    segs.append(Segment(spec.user.format(content=pending_system), False, "prompt", 0))
+                    segs.append(Segment(spec.user.format(content=text(pending_system)), False, "prompt", 0))
                     pending_system = None
                 t = m.trains()
                 if spec.assistant_prefix:
                     segs.append(Segment(spec.assistant_prefix, False, "prompt", i))
-                segs.append(Segment(m.content, t, "content", i))
-                segs.append(Segment(spec.eot.replace("{eos}", self._eos), t, "eot", i))
+                segs.append(Segment(text(m.content), t, "content", i))
+                segs.append(Segment(self._lit(spec.eot), t, "eot", i))
                 if spec.sep:
                     segs.append(Segment(spec.sep, False, "sep", i))
             else:
                 raise UserError(f"unknown role {m.role!r}; roles are system, user, assistant")
         if pending_system is not None:
-            segs.append(Segment(spec.user.format(content=pending_system), False, "prompt", 0))
+            segs.append(Segment(spec.user.format(content=text(pending_system)), False, "prompt", 0))
         if add_generation_prompt:
             gp = spec.assistant_prefix if spec.generation_prompt is None else spec.generation_prompt
             segs.append(Segment(gp, False, "prompt"))
+        elif spec.end:
+            end = self._lit(spec.end)
+            last = segs[-1] if segs else None
+            if last is not None and last.kind == "sep" and segs[-2].kind == "eot":
+                # After a final reply: one end of turn through the closing token, as "auto" has it.
+                eot = segs[-2]
+                segs[-2:] = [Segment(eot.text + last.text + end, eot.trains, "eot", eot.message)]
+            elif last is not None and last.kind == "eot":
+                segs[-1] = Segment(last.text + end, last.trains, "eot", last.message)
+            else:
+                segs.append(Segment(end, False, "prompt"))
         return [s for s in segs if s.text]
+
+    def _lit(self, text: str) -> str:
+        return text.replace("{eos}", self._eos)
 
     def jinja(self) -> str:
         """The same template as a Jinja chat template, saved with exported tokenizers so every
@@ -209,32 +249,39 @@ class NamedTemplate(ChatTemplate):
         spec = self.spec
 
         def lit(text: str) -> str:
-            text = text.replace("{eos}", self._eos)
+            text = self._lit(text)
             return "{{ " + json.dumps(text) + " }}" if text else ""
+
+        def expr(text: str) -> str:  # a literal as a Jinja expression
+            return json.dumps(self._lit(text))
 
         def around(fmt: str, key: str) -> tuple[str, str]:
             before, _, after = fmt.partition("{" + key + "}")
             return before, after
 
+        def shown(var: str) -> str:
+            return "{{ " + var + (" | trim" if spec.trim else "") + " }}"
+
         user_pre, user_post = around(spec.user, "content")
         merge_pre, rest = around(spec.system_merge, "system")
         merge_mid, merge_post = around(rest, "content")
-        merge = (lit(merge_pre) + "{{ ns.system }}" + lit(merge_mid) + "{{ m['content'] }}" + lit(merge_post))
+        merged = f"{expr(merge_pre)} ~ ns.system ~ {expr(merge_mid)} ~ m['content'] ~ {expr(merge_post)}"
         if spec.system is None:
             on_system = "{% set ns.system = m['content'] %}"
         else:
             sys_pre, sys_post = around(spec.system, "content")
-            on_system = lit(sys_pre) + "{{ m['content'] }}" + lit(sys_post)
+            on_system = lit(sys_pre) + shown("m['content']") + lit(sys_post)
         gp = spec.assistant_prefix if spec.generation_prompt is None else spec.generation_prompt
         return (
             lit(spec.bos) + "{% set ns = namespace(system=none) %}{% for m in messages %}"
             "{% if m['role'] == 'system' %}" + on_system
-            + "{% elif m['role'] == 'user' %}" + lit(user_pre)
-            + "{% if ns.system is not none %}" + merge + "{% set ns.system = none %}"
-            "{% else %}{{ m['content'] }}{% endif %}" + lit(user_post)
-            + "{% elif m['role'] == 'assistant' %}" + lit(spec.assistant_prefix) + "{{ m['content'] }}"
+            + "{% elif m['role'] == 'user' %}"
+            "{% if ns.system is not none %}{% set c = " + merged + " %}{% set ns.system = none %}"
+            "{% else %}{% set c = m['content'] %}{% endif %}" + lit(user_pre) + shown("c") + lit(user_post)
+            + "{% elif m['role'] == 'assistant' %}" + lit(spec.assistant_prefix) + shown("m['content']")
             + lit(spec.eot) + lit(spec.sep) + "{% endif %}{% endfor %}"
-            "{% if add_generation_prompt %}" + lit(gp) + "{% endif %}"
+            "{% if add_generation_prompt %}" + lit(gp)
+            + ("{% else %}" + lit(spec.end) if spec.end else "") + "{% endif %}"
         )
 
 
@@ -280,10 +327,20 @@ class TokenizerTemplate(ChatTemplate):
         self.stop_words = list(dict.fromkeys(words))
 
     def _apply(self, msgs: list[Message], add_generation_prompt: bool) -> str:
-        return self.tokenizer.apply_chat_template(
-            [{"role": m.role, "content": m.content} for m in msgs],
-            tokenize=False, add_generation_prompt=add_generation_prompt,
-        )
+        from jinja2 import TemplateError
+
+        try:
+            return self.tokenizer.apply_chat_template(
+                [{"role": m.role, "content": m.content} for m in msgs],
+                tokenize=False, add_generation_prompt=add_generation_prompt,
+            )
+        except TemplateError as e:  # e.g. Gemma's "System role not supported"
+            roles = ", ".join(m.role for m in msgs) or "none"
+            raise UserError(
+                f"the tokenizer's chat template refuses this conversation: {e} (its roles: {roles})",
+                hint="remove what it refuses (a system message may come from the config's `system`), or set "
+                     f"prompt_template to a named template ({', '.join(NAMED)})",
+            ) from None
 
     def render(self, messages, add_generation_prompt=False):
         return self._apply(as_messages(messages), add_generation_prompt)
@@ -301,6 +358,16 @@ class TokenizerTemplate(ChatTemplate):
     def segments(self, messages, add_generation_prompt=False):
         msgs = as_messages(messages)
         full = self._apply(msgs, add_generation_prompt)
+        for i, m in enumerate(msgs):
+            # Mistral v0.3's template keeps the system message only before a final user message: a
+            # training conversation (ending with a reply) would silently lose it.
+            if m.role == "system" and m.content.strip() and m.content.strip() not in full:
+                raise UserError(
+                    f"the tokenizer's chat template leaves out system message {i} of this conversation, "
+                    "so the model would never be trained with it",
+                    hint="remove the system message (it may come from the config's `system`), or set "
+                         f"prompt_template to a named template ({', '.join(NAMED)})",
+                )
         segs: list[Segment] = []
         pos = 0
 
@@ -335,8 +402,12 @@ class TokenizerTemplate(ChatTemplate):
             end = len(full) if i == last and not add_generation_prompt else cut(self._apply(msgs[: i + 1], False))
             if head < pos or end < head:
                 raise broken(i)
-            body = m.content.strip()
+            # The reply as written, or stripped where the template trims it (Llama 3, Gemma).
+            body = m.content
             k = full.find(body, head, end) if body else -1
+            if k < 0 and body.strip() and body.strip() != body:
+                body = body.strip()
+                k = full.find(body, head, end)
             if k < 0:
                 raise broken(i)
             content_end = k + len(body)
@@ -366,6 +437,7 @@ def get_template(name: str, tokenizer=None) -> ChatTemplate:
                 hint=f"set prompt_template to one of: {', '.join(NAMED)}",
             )
         return TokenizerTemplate(tokenizer)
+    name = XTUNER_NAMES.get(name, name)
     if name in NAMED:
         return NamedTemplate(name, NAMED[name], tokenizer)
     near = difflib.get_close_matches(name, TEMPLATE_NAMES, n=1)

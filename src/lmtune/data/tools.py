@@ -3,31 +3,16 @@
 from __future__ import annotations
 
 import json
-import os
 import random
-import tempfile
 from pathlib import Path
 from typing import Any
 
+from lmtune.atomic import check_out_file, write_text_atomic
 from lmtune.data import self_cognition_train_phrases as P
 from lmtune.data.tokenize import IGNORE_INDEX
 from lmtune.errors import UserError
 
 MASK_OPEN, MASK_CLOSE = "[[", "]]"  # `data show --show masked_text` wraps text without loss in these
-
-
-def _atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    """Write via a temporary file in the same folder, then rename: never a half-written file."""
-    target = Path(path)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=target.parent, prefix=f".{target.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, target)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 # --------------------------------------------------------------------------- self-cognition
@@ -57,12 +42,15 @@ def _identity_conversation(rng: random.Random, name: str, author: str) -> list[d
     return identity() + [{"role": "user", "content": follow[0]}, {"role": "assistant", "content": fill(follow[1])}]
 
 
-def write_self_cognition(path, name: str, author: str = "lmtune", n: int = 500, seed: int = 0) -> int:
-    """Write `n` diverse identity conversations (openai-format JSONL) to `path`; returns n."""
+def write_self_cognition(path, name: str, author: str = "lmtune", n: int = 500, seed: int = 0,
+                         overwrite: bool = False) -> int:
+    """Write `n` diverse identity conversations (openai-format JSONL) to `path`; returns n.
+    An existing non-empty `path` is replaced only with `overwrite`."""
     if not name or not name.strip():
         raise UserError("--name must not be empty")
     if n < 1:
         raise UserError(f"--n must be at least 1, got {n}")
+    check_out_file(path, overwrite=overwrite)
     rng = random.Random(seed)
     seen: set[str] = set()
     lines: list[str] = []
@@ -75,7 +63,7 @@ def write_self_cognition(path, name: str, author: str = "lmtune", n: int = 500, 
             continue
         seen.add(line)
         lines.append(line)
-    _atomic_write_text(path, "\n".join(lines) + "\n")
+    write_text_atomic(path, "\n".join(lines) + "\n", overwrite=overwrite)
     return n
 
 
@@ -102,8 +90,9 @@ def _replace(value: Any, old: str, new: str) -> tuple[Any, int]:
     return value, 0
 
 
-def replace_in_file(input, output, old: str, new: str) -> int:
-    """Replace `old` by `new` in every string value of a JSON or JSONL file; returns the count."""
+def replace_in_file(input, output, old: str, new: str, overwrite: bool = False) -> int:
+    """Replace `old` by `new` in every string value of a JSON or JSONL file; returns the count.
+    An existing non-empty `output` (also `input` itself) is replaced only with `overwrite`."""
     from lmtune.data.formats import _decode
 
     if not old:
@@ -111,6 +100,7 @@ def replace_in_file(input, output, old: str, new: str) -> int:
     src = Path(input)
     if not src.is_file():
         raise UserError(f"input file '{input}' does not exist")
+    check_out_file(output, overwrite=overwrite)
     text = _decode(src.read_bytes(), src)
     stripped = text.lstrip()
     if src.suffix.lower() == ".json" and stripped.startswith("["):
@@ -133,7 +123,7 @@ def replace_in_file(input, output, old: str, new: str) -> int:
             count += k
             out_lines.append(json.dumps(rec, ensure_ascii=False))
         result = "\n".join(out_lines) + "\n"
-    _atomic_write_text(output, result)
+    write_text_atomic(output, result, overwrite=overwrite)
     return count
 
 

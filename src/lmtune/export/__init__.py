@@ -4,6 +4,6 @@
     app.py   `lmtune export app`: a self-contained chat app folder
 """
 
-from lmtune.export.hf import merge, pth_to_hf, save_tokenizer, save_trained_model
+from lmtune.export.hf import check_hf_out, merge, pth_to_hf, save_tokenizer, save_trained_model
 
-__all__ = ["merge", "pth_to_hf", "save_tokenizer", "save_trained_model"]
+__all__ = ["check_hf_out", "merge", "pth_to_hf", "save_tokenizer", "save_trained_model"]

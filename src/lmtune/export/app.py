@@ -6,9 +6,11 @@ OUT_DIR/
   app_config.json     title, default system prompt, stop words
   requirements.txt    torch, transformers, gradio, safetensors, accelerate (version ranges)
   README.md           how to run it
-  lmtune-app.json     marks the folder as an lmtune export (so a re-export may replace it)
+  lmtune-app.json     marks the folder as an lmtune export and lists its files (so a re-export may
+                      replace it, unless files were added to it)
 
-The folder is built next to OUT_DIR and renamed into place, so OUT_DIR is never half-written.
+The folder is built next to OUT_DIR and renamed into place, so OUT_DIR is never half-written; a
+folder that is not a previous export is replaced only with `overwrite` (lmtune.atomic's rule).
 """
 
 from __future__ import annotations
@@ -18,25 +20,15 @@ import sys
 import time
 from pathlib import Path
 
-from lmtune.atomic import atomic_dir
+from lmtune.atomic import APP_MARKER, atomic_dir, check_not_input, check_out_dir
 from lmtune.errors import UserError
 from lmtune.export.hf import save_tokenizer
 
-MARKER = "lmtune-app.json"
+MARKER = APP_MARKER
 
 
 def _log(msg: str) -> None:
     print(f"[lmtune] {msg}", file=sys.stderr, flush=True)
-
-
-def _check_out_dir(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise UserError(f"'{out}' exists and is a file", hint="choose a folder path for OUT_DIR")
-    if out.is_dir() and any(out.iterdir()) and not (out / MARKER).is_file():
-        raise UserError(
-            f"'{out}' is not empty and is not a previous `lmtune export app` folder; refusing to overwrite it",
-            hint="choose a new or empty OUT_DIR (a previous export, which has lmtune-app.json, is replaced)",
-        )
 
 
 def _requirements() -> str:
@@ -55,12 +47,13 @@ def _requirements() -> str:
 
 
 def export_app(model: str, out_dir: str, adapter: str | None = None, title: str | None = None,
-               max_shard_size: str = "2GB") -> Path:
+               max_shard_size: str = "2GB", overwrite: bool = False) -> Path:
     from lmtune.models.loader import load_model, load_tokenizer, resolve_model_path
     from lmtune.serve.engine import _default_model_name, _resolve_adapter, read_lmtune_json
 
     out = Path(out_dir).expanduser().resolve()
-    _check_out_dir(out)  # before any slow work
+    check_not_input(out, model=Path(model).expanduser(), adapter=adapter and Path(adapter).expanduser())
+    check_out_dir(out, marker=MARKER, overwrite=overwrite)  # before any slow work
     path = resolve_model_path(model)
     if adapter:
         adapter = _resolve_adapter(adapter)
@@ -83,7 +76,7 @@ def export_app(model: str, out_dir: str, adapter: str | None = None, title: str 
         raise UserError("the tokenizer has no chat template, so the app cannot format conversations",
                         hint="export a model trained by lmtune (it saves its chat template with the tokenizer)")
 
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, marker=MARKER, overwrite=overwrite) as tmp:
         model_dir = tmp / "model"
         lm.save_pretrained(model_dir, safe_serialization=True, max_shard_size=max_shard_size)
         save_tokenizer(tokenizer, model_dir)
@@ -106,7 +99,6 @@ def export_app(model: str, out_dir: str, adapter: str | None = None, title: str 
             "dtype": str(next(lm.parameters()).dtype).replace("torch.", ""),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         }, indent=2) + "\n", encoding="utf-8")
-        _check_out_dir(out)  # again: something may have appeared while we worked
     _log(f"exported to {out} ({time.time() - t0:.0f} s). Run it: cd {out} && pip install -r requirements.txt "
          "&& python app.py")
     return out

@@ -1,7 +1,7 @@
 """Training checkpoint -> Hugging Face folder; LoRA merge.
 
-Every folder is written under a temporary name and renamed into place, so a failed export never
-leaves a half-written folder where a good one was.
+Every folder is written through `lmtune.atomic.atomic_dir`: under a temporary name, renamed into
+place when complete, and never over a folder lmtune did not write unless `overwrite` is given.
 """
 
 from __future__ import annotations
@@ -10,10 +10,16 @@ import json
 import shutil
 from pathlib import Path
 
-from lmtune.atomic import atomic_dir
+from lmtune.atomic import HF_MARKER, atomic_dir, check_not_input, check_out_dir
 from lmtune.errors import UserError
 
-META_FILE = "lmtune.json"
+META_FILE = HF_MARKER  # lmtune.json: template, system prompt, stop words; marks the folder as lmtune's
+
+
+def check_hf_out(out, overwrite: bool = False) -> str:
+    """Raise a UserError now if a Hugging Face folder may not be written to `out` (see
+    `lmtune.atomic.check_out_dir`): call it before slow work (loading, training)."""
+    return check_out_dir(out, marker=HF_MARKER, overwrite=overwrite)
 
 
 def save_tokenizer(tokenizer, folder: Path) -> None:
@@ -63,10 +69,11 @@ def _base_of(model):
 
 
 def save_trained_model(model, tokenizer, cfg, template, out, state_dict=None, max_shard_size="2GB",
-                       dtype=None) -> Path:
+                       dtype=None, overwrite: bool = False) -> Path:
     """Write a ready-to-use folder: the PEFT adapter for LoRA, the full model otherwise; plus the
     tokenizer (with its chat template), a generation config with the template's stop tokens, and
-    lmtune.json (template, system prompt, stop words)."""
+    lmtune.json (template, system prompt, stop words). `out` is replaced only if it is new, empty,
+    a previous lmtune HF folder, or `overwrite` is set (check early with `check_hf_out`)."""
     out = Path(out)
     is_peft = hasattr(model, "peft_config")
     if hasattr(template, "jinja"):
@@ -74,7 +81,7 @@ def save_trained_model(model, tokenizer, cfg, template, out, state_dict=None, ma
         # renders conversations exactly as in training wherever it is loaded.
         tokenizer.chat_template = template.jinja()
     gen = _generation_config(_base_of(model), tokenizer, template)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, marker=HF_MARKER, overwrite=overwrite) as tmp:
         if is_peft:
             # state_dict: the adapter weights gathered by a sharded engine (None: read from the model)
             model.save_pretrained(tmp, safe_serialization=True, state_dict=state_dict)
@@ -104,7 +111,7 @@ def save_trained_model(model, tokenizer, cfg, template, out, state_dict=None, ma
 
 
 def pth_to_hf(config: str | None, checkpoint: str, out: str, fp32: bool = False, max_shard_size: str = "2GB",
-              save_format: str = "native") -> Path:
+              save_format: str = "native", overwrite: bool = False) -> Path:
     """A training checkpoint (work_dir/iter_N) -> Hugging Face folder (adapter or full model)."""
     import torch
     from safetensors.torch import load_file
@@ -122,6 +129,8 @@ def pth_to_hf(config: str | None, checkpoint: str, out: str, fp32: bool = False,
     problem = verify_checkpoint(ck)
     if problem:
         raise UserError(f"checkpoint '{checkpoint}' is incomplete: {problem}")
+    check_not_input(out, checkpoint=ck, config=config)
+    check_hf_out(out, overwrite)  # before the slow loading
     cfg = load_config(config if config else str(ck / "config.py"))
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     template = get_template(cfg.prompt_template, tokenizer)
@@ -145,13 +154,14 @@ def pth_to_hf(config: str | None, checkpoint: str, out: str, fp32: bool = False,
         for k, v in weights.items():
             params[k].copy_(v.to(params[k].dtype))
     if save_format == "internlm2":
-        return _save_internlm2(model, cfg, out, max_shard_size)
-    path = save_trained_model(model, tokenizer, cfg, template, out, max_shard_size=max_shard_size)
+        return _save_internlm2(model, cfg, out, max_shard_size, overwrite)
+    path = save_trained_model(model, tokenizer, cfg, template, out, max_shard_size=max_shard_size,
+                              overwrite=overwrite)
     print(f"[lmtune] wrote {path}")
     return path
 
 
-def _save_internlm2(model, cfg, out, max_shard_size):
+def _save_internlm2(model, cfg, out, max_shard_size, overwrite):
     from lmtune.models.internlm2 import save_internlm2
     from lmtune.models.loader import _read_config, resolve_model_path
 
@@ -161,7 +171,7 @@ def _save_internlm2(model, cfg, out, max_shard_size):
     if not src or src.get("model_type") != "internlm2":
         raise UserError("--save-format internlm2 needs an InternLM2-family base model")
     save_internlm2(model, out, config_src=src, max_shard_size=max_shard_size,
-                   src_dir=resolve_model_path(cfg.model))
+                   src_dir=resolve_model_path(cfg.model), overwrite=overwrite)
     return Path(out)
 
 
@@ -211,7 +221,7 @@ def check_adapter_fits(base_model, adapter_dir: Path) -> None:
 
 
 def merge(base: str, adapter: str, out: str, max_shard_size: str = "2GB", save_format: str = "native",
-          trust_remote_code: bool = False) -> Path:
+          trust_remote_code: bool = False, overwrite: bool = False) -> Path:
     """Merge a LoRA adapter into its base model and save a full model folder (the base's dtype)."""
     from peft import PeftModel
 
@@ -220,6 +230,8 @@ def merge(base: str, adapter: str, out: str, max_shard_size: str = "2GB", save_f
     adapter_dir = Path(resolve_model_path(adapter))
     if not (adapter_dir / "adapter_config.json").is_file():
         raise UserError(f"'{adapter}' is not a LoRA adapter folder (no adapter_config.json)")
+    check_not_input(out, base=base, adapter=adapter_dir)
+    check_hf_out(out, overwrite)  # before the slow loading
     model = load_model(base, dtype="auto", trust_remote_code=trust_remote_code)
     check_adapter_fits(model, adapter_dir)
     model = PeftModel.from_pretrained(model, str(adapter_dir))
@@ -234,9 +246,10 @@ def merge(base: str, adapter: str, out: str, max_shard_size: str = "2GB", save_f
         src = _read_config(resolve_model_path(base))
         if not src or src.get("model_type") != "internlm2":
             raise UserError("--save-format internlm2 needs an InternLM2-family base model")
-        save_internlm2(merged, out, config_src=src, max_shard_size=max_shard_size, src_dir=resolve_model_path(base))
+        save_internlm2(merged, out, config_src=src, max_shard_size=max_shard_size, src_dir=resolve_model_path(base),
+                       overwrite=overwrite)
         return Path(out)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, marker=HF_MARKER, overwrite=overwrite) as tmp:
         merged.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size)
         save_tokenizer(tokenizer, tmp)
         gen_src = adapter_dir / "generation_config.json"

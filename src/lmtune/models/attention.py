@@ -102,7 +102,19 @@ def _torch_varlen(q, k, v, cu, max_len, scale, window: int | None = None):
     return varlen_attn(q, k, v, cu, cu, max_len, max_len, **kw)
 
 
+# The last block mask and the boundaries tensor it was built from. Every layer of a forward gets
+# the same `cu` tensor object, so the mask is built once per micro-batch. The cache matches on that
+# object itself (and its in-place version counter), never on its address: it keeps `cu` alive, so
+# no later micro-batch's boundaries can be allocated at that address and pass for it; and reading
+# the values instead would cost a device-to-host sync in every layer.
 _FLEX_CACHE: dict = {}
+
+
+def _cached_flex_mask(cu, T: int, window, device):
+    c = _FLEX_CACHE
+    if c.get("cu") is cu and c.get("version") == cu._version and c.get("key") == (T, window, device):
+        return c["mask"]
+    return None
 
 
 def _flex(q, k, v, cu, scale, window: int | None = None):
@@ -110,8 +122,7 @@ def _flex(q, k, v, cu, scale, window: int | None = None):
     from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
     T = q.shape[0]
-    key = (cu.data_ptr(), cu.numel(), T, window, q.device)
-    mask = _FLEX_CACHE.get("mask") if _FLEX_CACHE.get("key") == key else None
+    mask = _cached_flex_mask(cu, T, window, q.device)
     if mask is None:
         doc = torch.zeros(T, dtype=torch.int32, device=q.device)
         doc[cu[1:-1].long()] = 1
@@ -124,7 +135,7 @@ def _flex(q, k, v, cu, scale, window: int | None = None):
             return ok
 
         mask = create_block_mask(document_causal, None, None, T, T, device=q.device)
-        _FLEX_CACHE.update(key=key, mask=mask)
+        _FLEX_CACHE.update(cu=cu, version=cu._version, key=(T, window, q.device), mask=mask)
     fn = flex_attention
     if q.is_cuda:
         fn = _compiled_flex()

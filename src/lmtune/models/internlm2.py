@@ -29,7 +29,7 @@ from typing import Any
 
 import torch
 
-from lmtune.atomic import atomic_dir
+from lmtune.atomic import HF_MARKER, atomic_dir
 from lmtune.errors import UserError
 
 # auto_map of the published checkpoints; used when the source config has none.
@@ -508,6 +508,7 @@ def save_internlm2(
     max_shard_size: str | int = "2GB",
     *,
     src_dir: str | os.PathLike | None = None,
+    overwrite: bool = False,
 ) -> Path:
     """Write a checkpoint in InternLM2 layout (config.json + safetensors shards), atomically.
 
@@ -542,7 +543,7 @@ def save_internlm2(
     if len(dtypes) == 1:
         out_cfg["torch_dtype"] = str(next(iter(dtypes))).replace("torch.", "")
 
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, marker=HF_MARKER, overwrite=overwrite) as tmp:
         split = split_torch_state_dict_into_shards(
             isd, filename_pattern="model{suffix}.safetensors", max_shard_size=max_shard_size
         )
@@ -689,7 +690,8 @@ def convert_lora_state_dict_to_internlm2(adapter_sd: dict, adapter_config: dict,
     return out, cfg
 
 
-def convert_lora_adapter_to_internlm2(src: str | os.PathLike, out_dir: str | os.PathLike, config: dict) -> Path:
+def convert_lora_adapter_to_internlm2(src: str | os.PathLike, out_dir: str | os.PathLike, config: dict,
+                                      overwrite: bool = False) -> Path:
     """Convert an adapter folder (adapter_config.json + adapter_model.safetensors) for the InternLM2 layout."""
     from safetensors.torch import load_file, save_file
 
@@ -699,7 +701,7 @@ def convert_lora_adapter_to_internlm2(src: str | os.PathLike, out_dir: str | os.
     if not weights.is_file():
         raise UserError(f"'{src}' has no adapter_model.safetensors")
     sd, new_cfg = convert_lora_state_dict_to_internlm2(load_file(str(weights)), acfg, config)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out, marker=HF_MARKER, overwrite=overwrite) as tmp:
         save_file({k: v.contiguous() for k, v in sd.items()}, str(tmp / "adapter_model.safetensors"),
                   metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(new_cfg, indent=2, sort_keys=True) + "\n")

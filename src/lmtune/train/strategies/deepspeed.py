@@ -18,7 +18,7 @@ DEEPSPEED_NAMES = {
     "zero1": "zero1", "zero2": "zero2", "zero2_offload": "zero2_offload", "zero3": "zero3",
     "zero3_offload": "zero3_offload",
 }
-TEMPLATE_DIR = Path(__file__).parent / "deepspeed_configs"
+TEMPLATE_DIR = Path(__file__).parent.parent / "deepspeed_configs"
 
 
 def deepspeed_template(name_or_path: str) -> dict:
@@ -72,6 +72,8 @@ def deepspeed_config(cfg, world_size: int, amp_dtype) -> tuple[dict, list[str]]:
         if isinstance(zero.get(section), dict) and not torch.cuda.is_available():
             zero[section]["pin_memory"] = False  # pinned memory needs CUDA
     ds.setdefault("steps_per_print", 10**9)
+    # lmtune builds the optimizer (AdamW, 8-bit AdamW or SGD); ZeRO partitions any torch optimizer.
+    ds.setdefault("zero_allow_untested_optimizer", True)
     ds.setdefault("wall_clock_breakdown", False)
     if zero.get("offload_optimizer"):
         # lmtune builds the optimizer (DeepSpeedCPUAdam when it can be built, else torch AdamW).

@@ -1,0 +1,130 @@
+"""The built-in model × method × data configs, from one table.
+
+`lmtune list-cfg` lists them and `lmtune copy-cfg NAME DIR` writes NAME's text (rendered here) as a
+plain, self-explaining file to edit; `lmtune train NAME` reads the same text. Add a model, a method
+or a data kind by adding a row below. Hand-written configs (e.g. the quickstart's) are files beside
+this module.
+"""
+
+from __future__ import annotations
+
+# Instruct/chat models are trained with the tokenizer's own chat template (prompt_template = "auto"):
+# it is what the checkpoint was tuned with and what every other tool renders, default system prompt
+# (Qwen2.5) and date header (Llama 3.1+) included. Named templates stay available for users who set one.
+MODELS = {
+    # name: (hub id, max_length, lr full, lr lora)
+    "qwen2_5_1_5b_instruct": ("Qwen/Qwen2.5-1.5B-Instruct", 2048, 1e-5, 2e-4),
+    "qwen2_5_7b_instruct": ("Qwen/Qwen2.5-7B-Instruct", 2048, 1e-5, 2e-4),
+    "llama3_8b_instruct": ("meta-llama/Meta-Llama-3-8B-Instruct", 2048, 1e-5, 2e-4),
+    "llama3_2_3b_instruct": ("meta-llama/Llama-3.2-3B-Instruct", 2048, 1e-5, 2e-4),
+    "internlm2_chat_1_8b": ("internlm/internlm2-chat-1_8b", 2048, 1e-5, 2e-4),
+    "internlm2_chat_7b": ("internlm/internlm2-chat-7b", 2048, 1e-5, 2e-4),
+    "internlm2_5_chat_7b": ("internlm/internlm2_5-7b-chat", 2048, 1e-5, 2e-4),
+}
+# Extra lines for a model family's docstring.
+NOTES = {
+    "internlm2": (
+        "\nlmtune loads InternLM2-family checkpoints natively (no trust_remote_code): the fused wqkv is split\n"
+        "into a Llama-layout model at load time. Export writes the native layout by default, or the InternLM2\n"
+        "layout with `--save-format internlm2`; see docs/internlm2.md.\n"
+    ),
+}
+DATA = {
+    # name: (the datasets entry, what it is)
+    "custom": ("dict(path='data/my_conversations.jsonl', format='openai')",
+               "your own conversations, one JSON object per line: {\"messages\": [...]}"),
+    "alpaca": ("dict(path='tatsu-lab/alpaca', split='train', format='alpaca')",
+               "the hub data set (downloaded once; or a local file / save_to_disk folder), see docs/data.md"),
+    "oasst1": ("dict(path='timdettmers/openassistant-guanaco', split='train', format='oasst1')",
+               "guanaco-style '### Human: ... ### Assistant: ...' text from the hub, see docs/data.md"),
+}
+METHODS = {
+    "full": dict(method="full", quantization="none", batch_size=1, accumulative_counts=16, gc="auto"),
+    "lora": dict(method="lora", quantization="none", batch_size=1, accumulative_counts=16, gc="auto"),
+    "qlora": dict(method="lora", quantization="nf4", batch_size=1, accumulative_counts=16, gc="auto"),
+}
+
+TEMPLATE = '''"""{title}
+{note}
+Copy and edit: `lmtune copy-cfg {name} ./config`, then change PART 1 (model path, data path,
+system prompt, evaluation questions) and run `lmtune train ./config/{name}_copy.py`.
+"""
+
+#######################################################################
+#                          PART 1  Settings                           #
+#######################################################################
+model = {model!r}  # a local folder, a hub id or a .gguf file
+datasets = [{data_entry}]  # {data_note}
+prompt_template = 'auto'  # the tokenizer's own chat template; or a name: chatml, llama3_chat, ...
+system = None  # e.g. "You are a helpful assistant."
+max_length = {max_length}
+pack_to_max_length = True
+
+evaluation_freq = 200
+evaluation_inputs = ["Please introduce yourself.", "请你介绍一下你自己"]
+
+#######################################################################
+#                     PART 2  Model & Tokenizer                       #
+#######################################################################
+method = {method!r}
+quantization = {quantization!r}{quant_note}
+{lora_block}torch_dtype = "auto"
+gradient_checkpointing = {gc!r}  # "auto": on a GPU, only the layers the memory needs; True: all; False: none
+
+#######################################################################
+#                           PART 3  Data                              #
+#######################################################################
+num_proc = 4
+shuffle_before_pack = True
+
+#######################################################################
+#                  PART 4  Optimizer & Schedule                       #
+#######################################################################
+lr = {lr}
+batch_size = {batch_size}  # per device, in packed rows
+accumulative_counts = {accumulative_counts}
+batch_tokens = "auto"  # on a GPU: micro-batches as large as memory allows (same rows per step); None: batch_size rows
+max_epochs = 3
+max_norm = 1.0
+warmup_ratio = 0.03
+weight_decay = 0.0
+
+#######################################################################
+#                           PART 5  Runtime                           #
+#######################################################################
+save_steps = 500
+save_total_limit = 2
+logging_steps = 10
+seed = 42
+'''
+
+
+
+def _entries() -> dict[str, tuple]:
+    return {f"{m}_{meth}_{d}": (m, meth, d) for m in MODELS for meth in METHODS for d in DATA}
+
+
+def preset_names() -> list[str]:
+    return sorted(_entries())
+
+
+def render(name: str) -> str | None:
+    """The config file text of preset `name`, or None if there is no such preset."""
+    entry = _entries().get(name)
+    if entry is None:
+        return None
+    mname, meth, dname = entry
+    hub, max_len, lr_full, lr_lora = MODELS[mname]
+    m = METHODS[meth]
+    dentry, dnote = DATA[dname]
+    lora_block = "" if m["method"] == "full" else (
+        'lora_r = 64\nlora_alpha = 16\nlora_dropout = 0.1\nlora_target_modules = "all-linear"\n')
+    note = next((v for k, v in NOTES.items() if mname.startswith(k)), "")
+    return TEMPLATE.format(
+        note=note, title=f"{hub}: {meth} fine-tuning on {dname} data.", name=name, model=hub,
+        data_entry=dentry, data_note=dnote,
+        max_length=max_len, method=m["method"], quantization=m["quantization"],
+        quant_note="  # QLoRA: 4-bit NF4 base + LoRA (needs bitsandbytes)" if meth == "qlora" else "",
+        lora_block=lora_block, gc=m["gc"], lr=lr_full if meth == "full" else lr_lora,
+        batch_size=m["batch_size"], accumulative_counts=m["accumulative_counts"],
+    )

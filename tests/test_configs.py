@@ -1,0 +1,37 @@
+"""Built-in configs: one preset table (configs/presets.py) that list-cfg, copy-cfg and train read."""
+
+from __future__ import annotations
+
+import pytest
+
+from lmtune.cli import main
+from lmtune.config import list_builtin, load_config
+from lmtune.configs.presets import DATA, METHODS, MODELS, preset_names, render
+
+
+def test_every_model_method_data_combination_is_a_preset():
+    assert len(preset_names()) == len(MODELS) * len(METHODS) * len(DATA)
+    assert set(preset_names()) <= set(list_builtin())
+    assert "smollm2_135m_lora_self_cognition" in list_builtin()  # hand-written files still listed
+
+
+@pytest.mark.parametrize("name", preset_names())
+def test_each_preset_loads_and_says_what_its_name_says(name):
+    cfg = load_config(name)
+    model, method, data = next((m, meth, d) for m in MODELS for meth in METHODS for d in DATA
+                               if f"{m}_{meth}_{d}" == name)
+    assert cfg.model == MODELS[model][0]
+    assert cfg.method == METHODS[method]["method"] and cfg.quantization == METHODS[method]["quantization"]
+    assert cfg.datasets[0]["format"] == DATA[data][1]
+    assert cfg.prompt_template == "auto"  # instruct models: the tokenizer's own chat template
+
+
+def test_copy_cfg_writes_the_preset_text_and_it_trains_the_same(tmp_path, capsys):
+    name = "qwen2_5_1_5b_instruct_qlora_custom"
+    assert main(["list-cfg", "-p", "qwen2_5_1_5b"]) == 0
+    assert name in capsys.readouterr().out.split()
+    assert main(["copy-cfg", name, str(tmp_path)]) == 0
+    copied = tmp_path / f"{name}_copy.py"
+    assert copied.read_text(encoding="utf-8") == render(name)
+    a, b = load_config(name).to_dict(), load_config(str(copied)).to_dict()
+    assert a == b
