@@ -18,6 +18,9 @@ import uuid
 
 from lmtune.errors import UserError
 
+# Real requests nest a few levels (messages -> content parts); far deeper bodies are attacks or bugs.
+MAX_JSON_DEPTH = 32
+
 
 class APIError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error",
@@ -69,6 +72,29 @@ def _stop(body: dict) -> list[str]:
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
         raise _bad("'stop' must be a string or a list of at most 4 strings", "stop", "invalid_type")
     return [s for s in stop if s]
+
+
+def _depth_exceeds(value, limit: int) -> bool:
+    """Whether a parsed JSON value nests deeper than `limit` (iterative: no recursion to overflow)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((c, depth + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return False
+
+
+def _response_format(body: dict) -> None:
+    fmt = body.get("response_format")
+    if fmt is None:
+        return
+    if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
+        raise _bad("'response_format' must be an object with a 'type'", "response_format", "invalid_type")
+    if fmt["type"] != "text":
+        raise _bad(f"response_format type {json.dumps(fmt['type'])} is not supported by this server; only "
+                   "'text' is (it does not constrain answers to JSON)", "response_format", "unsupported_parameter")
 
 
 def _sampling(body: dict, default_max_tokens: int) -> dict:
@@ -191,8 +217,10 @@ def create_app(engine, *, api_key: str | None = None, max_concurrency: int = 8,
 
     @app.exception_handler(Exception)
     async def _server_error(request, exc):
+        # The details go to the server's log, not to the client: they are ours, not the user's to act on.
         print(f"[lmtune] request failed: {exc!r}", file=sys.stderr)
-        return JSONResponse(APIError(500, f"internal error: {exc}", "server_error").body(), status_code=500)
+        return JSONResponse(APIError(500, "the server failed to answer this request; see its log",
+                                     "server_error").body(), status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, exc):
@@ -213,6 +241,13 @@ def create_app(engine, *, api_key: str | None = None, max_concurrency: int = 8,
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise _bad(f"the request body is not valid JSON: {e}", None, "invalid_json") from None
+        except RecursionError:  # nesting deeper than the parser's stack
+            body = too_deep = True
+        else:
+            too_deep = _depth_exceeds(body, MAX_JSON_DEPTH)
+        if too_deep:
+            raise _bad(f"the request body nests objects or arrays more than {MAX_JSON_DEPTH} levels deep",
+                       None, "invalid_json")
         if not isinstance(body, dict):
             raise _bad("the request body must be a JSON object", None, "invalid_json")
         model = body.get("model")
@@ -275,6 +310,7 @@ def create_app(engine, *, api_key: str | None = None, max_concurrency: int = 8,
         include_usage = _bool(stream_options, "include_usage")
         if chat:
             messages = _messages(body)
+            _response_format(body)
             params = _sampling(body, default_max_tokens)
         else:
             prompt = _prompt(body)

@@ -391,7 +391,9 @@ class Engine:
             (self.eos_ids[0] if self.eos_ids else 0),
         )
         ids = torch.tensor([gen.prompt_ids], dtype=torch.long, device=self._input_device())
-        with torch.inference_mode():
+        # A request's seed must not reseed the process: later unseeded requests stay random.
+        devices = [self._input_device()] if self._input_device().type == "cuda" else []
+        with torch.inference_mode(), torch.random.fork_rng(devices=devices, enabled=p["seed"] is not None):
             if p["seed"] is not None:
                 torch.manual_seed(int(p["seed"]))
             self.model.generate(
