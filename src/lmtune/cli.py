@@ -20,15 +20,26 @@ def _add_cfg_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, several_adapters: bool = False) -> None:
     p.add_argument("model", help="HF folder, hub id, .gguf file, a training work dir, or 'smollm2-135m-instruct'")
-    p.add_argument("--adapter", help="a LoRA adapter folder to apply on top of MODEL")
+    if several_adapters:
+        p.add_argument("--adapter", action="append", metavar="[NAME=]DIR",
+                       help="a LoRA adapter on MODEL; NAME=DIR (repeatable) serves each adapter under its NAME "
+                       "next to the base, chosen by the request's 'model'")
+    else:
+        p.add_argument("--adapter", help="a LoRA adapter folder to apply on top of MODEL")
     p.add_argument("--prompt-template", default=None,
                    help="template name, or 'auto' (default: what the model folder says)")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--bits", type=int, choices=[4, 8], default=None, help="load quantized (bitsandbytes)")
     p.add_argument("--device", default="auto")
     p.add_argument("--trust-remote-code", action="store_true")
+
+
+def _add_batching_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-batch", type=int, default=64, help="most requests decoded together (default 64)")
+    p.add_argument("--kv-memory", type=float, default=None, metavar="GB",
+                   help="memory the batch's KV cache may use (default: 80%% of free GPU memory, half the free RAM)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -101,13 +112,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share-name", "--title", dest="title", default=None, help="page title")
+    _add_batching_args(p)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP API")
-    _add_model_args(p)
+    _add_model_args(p, several_adapters=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("LMTUNE_API_KEY"))
-    p.add_argument("--max-concurrency", type=int, default=8)
+    _add_batching_args(p)
+    p.add_argument("--max-queue", "--max-concurrency", dest="max_queue", type=int, default=512,
+                   help="requests in flight (running + waiting) beyond which new ones get 429 (default 512)")
     p.add_argument("--model-name", default=None, help="the id the API reports (default: the folder name)")
 
     p = sub.add_parser("export", help="export app: a self-contained deployable chat app folder")
