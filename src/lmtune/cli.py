@@ -124,7 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="requests in flight (running + waiting) beyond which new ones get 429 (default 512)")
     p.add_argument("--model-name", default=None, help="the id the API reports (default: the folder name)")
 
-    p = sub.add_parser("export", help="export app: a self-contained deployable chat app folder")
+    p = sub.add_parser("export", help="export app (a deployable chat app folder) or gguf (one GGUF file)")
     esub = p.add_subparsers(dest="export_command", metavar="KIND")
     e = esub.add_parser("app", help="model + app.py + requirements.txt, runs with `python app.py`")
     e.add_argument("model")
@@ -132,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--adapter", default=None)
     e.add_argument("--title", default=None)
     e.add_argument("--max-shard-size", default="2GB")
+    e = esub.add_parser("gguf", help="one GGUF file for llama.cpp / Ollama (Llama-family models)")
+    e.add_argument("model")
+    e.add_argument("out", metavar="OUT.gguf")
+    e.add_argument("--outtype", choices=["f16", "q8_0"], default="f16")
+    e.add_argument("--adapter", default=None, help="a LoRA adapter merged into MODEL first")
+    e.add_argument("--overwrite", action="store_true", help="replace OUT.gguf if it exists")
+    e.add_argument("--trust-remote-code", action="store_true")
 
     # ---- data
     p = sub.add_parser("data", help="make, rewrite, check and show training data")
@@ -234,6 +241,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
             export_app(args.model, args.out_dir, adapter=args.adapter, title=args.title,
                        max_shard_size=args.max_shard_size)
+            return 0
+        if args.export_command == "gguf":
+            from lmtune.export.gguf import export_gguf
+
+            export_gguf(args.model, args.out, outtype=args.outtype, adapter=args.adapter, overwrite=args.overwrite,
+                        trust_remote_code=args.trust_remote_code)
             return 0
         parser.parse_args(["export", "--help"])
     if cmd == "data":
