@@ -124,3 +124,18 @@ def test_a_client_that_disconnects_frees_its_row_at_once(server):
             break
         assert time.time() - t0 < 10, h  # 900 tokens would take far longer
         time.sleep(0.05)
+
+
+def test_adapter_flags_parse(tmp_path):
+    from lmtune.errors import UserError
+    from lmtune.serve.chat import parse_adapters
+
+    assert parse_adapters(None) == (None, {})
+    assert parse_adapters(["runs/a"]) == ("runs/a", {})  # the old meaning: one adapter, the model's name
+    assert parse_adapters(["ada=runs/a", "bob=runs/b"]) == (None, {"ada": "runs/a", "bob": "runs/b"})
+    odd = tmp_path / "x=y"  # a folder whose name holds '=' is a folder
+    odd.mkdir()
+    assert parse_adapters([str(odd)]) == (str(odd), {})
+    for bad, msg in ([["ada=a", "ada=b"], "twice"], [["=a"], "NAME=DIR"], [["ada="], "NAME=DIR"]):
+        with pytest.raises(UserError, match=msg):
+            parse_adapters(bad)
