@@ -92,6 +92,8 @@ def main() -> int:
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--check", type=int, default=8, help="compare this many streams with their solo tokens")
     ap.add_argument("--smoke", action="store_true", help="a tiny CPU model, to check the script itself")
+    ap.add_argument("--profile", action="store_true",
+                    help="profile the engine's worker (Python) during the largest run and print the top functions")
     args = ap.parse_args()
 
     import torch
@@ -112,6 +114,24 @@ def main() -> int:
     print(f"single stream: {single_tps:.1f} tokens/s ({args.max_new_tokens} new tokens, latency "
           f"{statistics.mean(r['latency'] for r in solo):.2f} s)", flush=True)
     rows = []
+    prof = None
+    if args.profile:
+        import cProfile
+
+        from lmtune.serve import batching
+
+        prof = cProfile.Profile()
+        for name in ("_decode_step", "_admit", "_drop_done"):
+            orig = getattr(batching.Scheduler, name)
+
+            def wrapped(self, *a, _orig=orig, **k):
+                if self.running() >= max(args.clients) // 2:
+                    prof.enable()
+                try:
+                    return _orig(self, *a, **k)
+                finally:
+                    prof.disable()
+            setattr(batching.Scheduler, name, wrapped)
     for n in args.clients:
         torch.cuda.reset_peak_memory_stats()
         res, wall = asyncio.run(run_n(engine, ps[:n], args.max_new_tokens))
@@ -121,6 +141,11 @@ def main() -> int:
                      pct([r["latency"] for r in res], 50), pct([r["latency"] for r in res], 95),
                      f"{same}/{min(n, len(solo))}", torch.cuda.max_memory_allocated() / 2**30))
         print(f"done {n} clients in {wall:.1f} s", flush=True)
+    if prof is not None:
+        import pstats
+
+        print(f"decode steps: {engine.scheduler.steps}")
+        pstats.Stats(prof).sort_stats("tottime").print_stats(25)
     print(f"\n{time.strftime('%Y-%m-%d')}, {torch.cuda.get_device_name()}, prompts 25-70 tokens, "
           f"{args.max_new_tokens} new tokens each, greedy, --max-batch {args.max_batch}\n")
     print("| streams | wall s | tokens | tokens/s | × single stream | TTFT p50 s | TTFT p95 s | latency p50 s | "

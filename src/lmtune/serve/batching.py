@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import atexit
 import collections
+import functools
 import inspect
 import sys
 import threading
@@ -390,9 +391,60 @@ def _layers(cache):
 
 
 def _cache_from(layers):
-    from transformers import DynamicCache
+    """The batch's cache: one `_GrowingLayer` per model layer, holding the given keys/values."""
+    from transformers.cache_utils import Cache
 
-    return DynamicCache(ddp_cache_data=layers)
+    return Cache(layers=[_growing_layer(k, v) for k, v in layers])
+
+
+def _growing_layer(keys, values):
+    return _growing_layer_class()(keys, values)
+
+
+@functools.cache
+def _growing_layer_class():
+    from transformers.cache_utils import DynamicLayer
+
+    class _GrowingLayer(DynamicLayer):
+        """A DynamicLayer whose keys/values sit in a buffer with spare columns, so a decode step
+        writes its new column in place; DynamicLayer's torch.cat would copy the whole batch's
+        cache every step (for a large batch, most of a step's memory traffic)."""
+
+        def __init__(self, k, v):
+            super().__init__()
+            self.lazy_initialization(k, v)
+            self._k, self._v, self._n = k, v, k.shape[2]
+            self._grow(0)
+
+        def _grow(self, extra: int) -> None:
+            need = self._n + extra
+            if need <= self._k.shape[2] and self._k.shape[2] > self._n:
+                return
+            cap = need + max(64, need // 2)
+            k = self._k.new_empty(self._k.shape[0], self._k.shape[1], cap, self._k.shape[3])
+            v = self._v.new_empty(self._v.shape[0], self._v.shape[1], cap, self._v.shape[3])
+            k[:, :, : self._n] = self._k[:, :, : self._n]
+            v[:, :, : self._n] = self._v[:, :, : self._n]
+            self._k, self._v = k, v
+            self._views()
+
+        def _views(self) -> None:
+            self.keys, self.values = self._k[:, :, : self._n], self._v[:, :, : self._n]
+
+        def update(self, key_states, value_states, *args, **kwargs):
+            add = key_states.shape[2]
+            self._grow(add)
+            self._k[:, :, self._n: self._n + add] = key_states
+            self._v[:, :, self._n: self._n + add] = value_states
+            self._n += add
+            self._views()
+            return self.keys, self.values
+
+        def batch_select_indices(self, indices) -> None:
+            self._k, self._v = self._k[indices], self._v[indices]
+            self._views()
+
+    return _GrowingLayer
 
 
 def _left_pad(t, length: int):
