@@ -160,3 +160,18 @@ def test_adapters_take_turns_when_they_cannot_share_a_batch(tiny_model, adapters
     names = ["ada", "bob", "tiny"] * 3
     got = run_concurrently(lambda j: multi.generate(PROMPTS[1], model=names[j], max_new_tokens=8).text, len(names))
     assert got == [expected[n] for n in names]
+
+
+def test_shared_prompt_head_is_computed_once_and_answers_are_unchanged(tiny_model, solo):  # noqa: F811
+    """The system prompt and turn header every request shares get their KV cache computed once;
+    whether it was cached or not, each answer is the same as alone."""
+    e = Engine.load(str(tiny_model))
+    ids = e.encode_chat(e.with_system(PROMPTS[1]))
+    assert 8 <= e._shared_prefix_len(e.with_system(PROMPTS[1]), ids, None) < len(ids)
+    first = e.generate(PROMPTS[1], max_new_tokens=12).text  # computes the shared head
+    assert first == solo[1] and e.scheduler.prefix_hits == 0
+    got = run_concurrently(lambda i: "".join(e.stream(PROMPTS[i], max_new_tokens=12)), len(PROMPTS))
+    assert got == solo
+    assert e.scheduler.prefix_hits >= len(PROMPTS) - 1
+    sys_solo = [e.generate(p, system="You are Tiny.", max_new_tokens=8).text for p in PROMPTS[:3]]
+    assert sys_solo != got[:3]  # another system prompt: another head, other answers

@@ -42,6 +42,8 @@ from dataclasses import dataclass, field
 import torch
 
 BASE = "__base__"  # peft's name for "no adapter" in a mixed batch
+MIN_PREFIX = 8  # shorter shared prompt heads are not worth a cache entry
+MAX_PREFIXES = 32  # shared prompt heads kept (least recently used dropped)
 
 
 @dataclass
@@ -59,6 +61,7 @@ class Request:
     repetition_penalty: float = 1.0
     max_new_tokens: int = 512
     seed: int | None = None
+    prefix_len: int = 0  # leading prompt tokens others may share (system prompt, history): cached KV
     arrival: float = field(default_factory=time.monotonic)
 
     @property
@@ -113,6 +116,8 @@ class Scheduler:
         self._cache = None  # DynamicCache, [rows, heads, length, dim]
         self._mask = None  # [rows, length] long: 1 = a real token, 0 = left padding
         self._active_adapter = None  # the one adapter running when not mixed
+        self._prefixes: collections.OrderedDict = collections.OrderedDict()  # shared prompt heads' KV, LRU
+        self.prefix_hits = 0
         self.steps = 0  # decode steps run (for tests and stats)
         self.max_rows_seen = 0
 
@@ -286,12 +291,37 @@ class Scheduler:
 
         req = row.req
         ids = torch.tensor([req.prompt_ids], dtype=torch.long, device=self.device)
-        cache = DynamicCache()
-        out = self._forward(ids, [req.adapter], past_key_values=cache)
+        n = req.prefix_len
+        if MIN_PREFIX <= n < len(req.prompt_ids):
+            # The shared head of the prompt is always computed on its own (cached or not), so a
+            # request's numbers do not depend on whether another request came first.
+            cache = DynamicCache(ddp_cache_data=self._prefix_kv(req.adapter, ids[:, :n]))
+            out = self._forward(ids[:, n:], [req.adapter], past_key_values=cache)
+        else:
+            cache = DynamicCache()
+            out = self._forward(ids, [req.adapter], past_key_values=cache)
         if not self.mixed:
             self._active_adapter = req.adapter
         self._emit([row], out.logits[:, -1, :])
         return [(k, v) for k, v in _layers(cache)] if row.next_token is not None else None
+
+    def _prefix_kv(self, adapter, ids) -> list:
+        """The KV cache of a shared prompt head, computed once per (adapter, tokens)."""
+        from transformers import DynamicCache
+
+        key = (adapter, tuple(ids[0].tolist()))
+        kv = self._prefixes.get(key)
+        if kv is None:
+            cache = DynamicCache()
+            self._forward(ids, [adapter], past_key_values=cache)
+            kv = list(_layers(cache))
+            self._prefixes[key] = kv
+            while len(self._prefixes) > MAX_PREFIXES:
+                self._prefixes.popitem(last=False)
+        else:
+            self._prefixes.move_to_end(key)
+            self.prefix_hits += 1
+        return kv
 
     def _join(self, joining: list) -> None:
         """Left-pad the new rows' caches and the running batch's to one length and stack them."""

@@ -389,9 +389,33 @@ class Engine:
         """Start generating an answer to a conversation; iterate the result for text pieces.
         `model` picks the base or an adapter by its served name (default: the base)."""
         messages = self.with_system(messages, system, model)
-        _, ids = self.fit_messages(messages, max_new_tokens, model)
+        kept, ids = self.fit_messages(messages, max_new_tokens, model)
         return self.submit(ids, temperature=temperature, top_p=top_p, top_k=top_k, max_new_tokens=max_new_tokens,
-                           repetition_penalty=repetition_penalty, seed=seed, stop=stop, model=model, loop=loop)
+                           repetition_penalty=repetition_penalty, seed=seed, stop=stop, model=model, loop=loop,
+                           prefix_len=self._shared_prefix_len(kept, ids, model))
+
+    def _shared_prefix_len(self, messages: list[dict], ids: list[int], model: str | None) -> int:
+        """How many leading prompt tokens come before the newest user message's text: the system
+        prompt, the history and the turn header, which other requests (or this conversation's next
+        turn) share. The scheduler computes their KV cache once and reuses it."""
+        if not messages or messages[-1]["role"] != "user":
+            return 0
+        marker = "\ue000lmtune\ue000"
+        try:
+            text = self.served(model).template.render([*messages[:-1], {"role": "user", "content": marker}],
+                                                      add_generation_prompt=True)
+        except Exception:  # noqa: BLE001  (a template that refuses the probe: no sharing, nothing else changes)
+            return 0
+        head = text.split(marker)[0]
+        if not head or marker not in text:
+            return 0
+        head_ids = self.tokenizer(head, add_special_tokens=False)["input_ids"]
+        n = 0
+        for a, b in zip(head_ids, ids):
+            if a != b:
+                break
+            n += 1
+        return n
 
     def stream_prompt(self, prompt: str, **kw) -> Generation:
         """Continue plain text (no chat template)."""
@@ -405,7 +429,8 @@ class Engine:
 
     def submit(self, prompt_ids: list[int], *, temperature: float = 0.0, top_p: float = 1.0, top_k: int = 0,
                max_new_tokens: int = 512, repetition_penalty: float = 1.0, seed: int | None = None,
-               stop: list[str] | None = None, model: str | None = None, loop=None) -> Generation:
+               stop: list[str] | None = None, model: str | None = None, loop=None,
+               prefix_len: int = 0) -> Generation:
         from lmtune.serve.batching import Request
 
         served = self.served(model)
@@ -417,7 +442,8 @@ class Engine:
         collector = _TextCollector(gen, self.tokenizer, [*served.stop_words, *params["stop"]])
         req = Request(gen, list(prompt_ids), served.adapter, frozenset(served.eos_ids), collector,
                       temperature=params["temperature"], top_p=params["top_p"], top_k=params["top_k"],
-                      repetition_penalty=params["repetition_penalty"], max_new_tokens=max_new_tokens, seed=seed)
+                      repetition_penalty=params["repetition_penalty"], max_new_tokens=max_new_tokens, seed=seed,
+                      prefix_len=prefix_len)
         gen._on_cancel = self.scheduler.wake
         self.scheduler.submit(req)
         return gen
