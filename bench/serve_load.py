@@ -141,6 +141,7 @@ def main() -> int:
     args = ap.parse_args()
 
     deadline = time.time() + args.time_limit
+    load_before = os.getloadavg()[0]
     ps = prompts(max(args.clients))
     server, url = start_server(args.model, args.threads, args.server_args.split(), deadline)
     rows, failed = [], False
@@ -179,8 +180,8 @@ def main() -> int:
 
     print(f"\n`lmtune serve {args.model}` {args.server_args} on {platform.machine()} CPU ({os.cpu_count()} cores), "
           f"loopback, streaming clients, greedy, max_tokens={args.max_tokens}, server threads="
-          f"{args.threads or 'default'}, {time.strftime('%Y-%m-%d %H:%M')}; load average before: "
-          f"{os.getloadavg()[0]:.2f}\n")
+          f"{args.threads or 'default'}, {time.strftime('%Y-%m-%d %H:%M')}; 1-min load average at the start "
+          f"{load_before:.2f}, at the end {os.getloadavg()[0]:.2f}\n")
     print(f"Single stream (each prompt alone, {len(solo)} requests): {single_tps:.1f} tokens/s, latency p50 "
           f"{pct([r['latency'] for r in solo], 50):.2f} s\n")
     print("| clients | completed | equal to solo | wall s | tokens/s | × single stream | TTFT p50 s | TTFT p95 s | "

@@ -8,7 +8,10 @@ column. Each turn of the loop:
 1. drops the rows whose client went away (cancelled) or that finished, at once;
 2. admits waiting requests (up to `max_batch` rows, a per-turn prefill budget, and the KV-cache
    memory budget): each is *prefilled alone* (batch of one, exactly as if it were the only
-   request) and its cache is left-padded into the running batch;
+   request) and its cache is left-padded into the running batch. The head of the prompt that
+   requests share (system prompt, earlier turns, the turn header) is computed once per adapter
+   and its cache reused; it is always computed separately, cached or not, so an answer does not
+   depend on what ran before;
 3. runs one decode step for all rows together: each row's last token, its own position id, and
    an attention mask that hides the padding; then picks each row's next token with the row's own
    sampling settings and random generator.
