@@ -149,6 +149,7 @@ def lmtune(*args, timeout=600):
                           cwd=ROOT, timeout=timeout)
 
 
+@pytest.mark.slow
 def test_cli_export_then_chat_with_the_file(tiny_untied, tmp_path):
     out = tmp_path / "tiny.gguf"
     p = lmtune("export", "gguf", str(tiny_untied), str(out))
