@@ -250,6 +250,10 @@ def _load(path: Path) -> TrainData:
 
 def build_dataset(cfg, tokenizer, template: ChatTemplate, use_cache: bool = True) -> TrainData:
     """The rows to train on, with statistics (see TrainData). Cached on disk."""
+    from lmtune.data import preference
+
+    if preference.is_preference(cfg.objective):  # pairs / labelled answers: rows of their own
+        return preference.build_preference_dataset(cfg, tokenizer, template, use_cache)
     path = None
     if use_cache:
         path = cache_dir() / f"{cache_key(cfg, tokenizer, template)}.npz"

@@ -166,10 +166,13 @@ def histogram(lengths: list[int], max_length: int, buckets: int = 8, width: int 
 
 def check_command(cfg) -> int:
     """Validate every record of the config's data and print statistics; 0 if fine, 2 if not."""
+    from lmtune.data import preference
     from lmtune.data.dataset import encode_all, load_conversations, summarize
     from lmtune.data.tokenize import pack
 
     tokenizer, template = _load(cfg)
+    if preference.is_preference(cfg.objective):
+        return preference.check_command(cfg, tokenizer, template)
     errors: list[UserError] = []
     convs, sources = load_conversations(cfg, template, errors)
     encoded = encode_all(convs, tokenizer, template, cfg.max_length, cfg.num_proc)
