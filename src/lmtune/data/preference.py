@@ -204,7 +204,7 @@ CONVERTERS: dict[str, Callable[[dict, str], Preference]] = {
 def detect_format(rec: dict, where: str) -> str:
     if "label" in rec and ("messages" in rec or "completion" in rec):
         return "kto"
-    if "chosen" in rec and "rejected" in rec:
+    if "chosen" in rec or "rejected" in rec:
         if "conversations" in rec:
             return "sharegpt"
         if "instruction" in rec:
