@@ -94,8 +94,99 @@ seed = 42
 '''
 
 
-def main():
+# Preference optimisation (docs/preference.md): objective -> (methods, lr full, lr lora, extra lines)
+PREFERENCE = {
+    "dpo": (("full", "lora", "qlora"), 5e-7, 5e-6,
+            'dpo_loss = "sigmoid"  # or "ipo", "hinge"\nbeta = 0.1\nlabel_smoothing = 0.0\n'),
+    "orpo": (("lora", "qlora"), 8e-6, 2e-5, "orpo_lambda = 0.1  # weight of the odds-ratio term beside the SFT loss\n"),
+}
+
+PREF_TEMPLATE = '''"""{title}
+{note}
+Preference pairs, one JSON object per line: {{"prompt": ..., "chosen": ..., "rejected": ...}} (texts or
+message lists; sharegpt / alpaca variants work too, see docs/preference.md). Check them first:
+`lmtune data check {name}_copy.py`. Copy and edit: `lmtune copy-cfg {name} ./config`.
+"""
+
+#######################################################################
+#                          PART 1  Settings                           #
+#######################################################################
+model = {model!r}  # a local folder, a hub id or a .gguf file; usually your SFT model
+datasets = [dict(path="data/my_pairs.jsonl", format="auto")]
+prompt_template = {template!r}
+system = None
+max_length = {max_length}  # per sequence (prompt + one answer); a packed row holds up to twice this
+pack_to_max_length = True
+
+evaluation_freq = 200
+evaluation_inputs = ["Please introduce yourself.", "请你介绍一下你自己"]
+
+#######################################################################
+#                     PART 2  Model & Objective                       #
+#######################################################################
+method = {method!r}
+quantization = {quantization!r}{quant_note}
+{lora_block}objective = {objective!r}
+{objective_block}{reference_block}torch_dtype = "auto"
+gradient_checkpointing = True
+
+#######################################################################
+#                           PART 3  Data                              #
+#######################################################################
+num_proc = 4
+shuffle_before_pack = True
+
+#######################################################################
+#                  PART 4  Optimizer & Schedule                       #
+#######################################################################
+lr = {lr}
+batch_size = 1  # per device, in packed rows of whole pairs
+accumulative_counts = 16
+max_epochs = 1
+max_norm = 1.0
+warmup_ratio = 0.1
+weight_decay = 0.0
+
+#######################################################################
+#                           PART 5  Runtime                           #
+#######################################################################
+save_steps = 500
+save_total_limit = 2
+logging_steps = 10
+seed = 42
+'''
+
+
+def preference_configs() -> int:
     n = 0
+    for mname, (hub, template, max_len, _, _) in MODELS.items():
+        for objective, (methods, lr_full, lr_lora, block) in PREFERENCE.items():
+            for meth in methods:
+                m = METHODS[meth]
+                name = f"{mname}_{meth}_{objective}_pairs"
+                lora_block = "" if m["method"] == "full" else (
+                    'lora_r = 64\nlora_alpha = 16\nlora_dropout = 0.1\nlora_target_modules = "all-linear"\n')
+                if objective == "dpo":
+                    reference = ("precompute_reference = True  # reference log-probs computed once: no second model "
+                                 "in memory\n" if meth == "full" else
+                                 "precompute_reference = False  # the reference is this model with its adapter off\n")
+                else:
+                    reference = ""
+                note = next((v for k, v in NOTES.items() if mname.startswith(k)), "")
+                text = PREF_TEMPLATE.format(
+                    title=f"{hub}: {objective.upper()} ({meth}) on preference pairs.", note=note, name=name,
+                    model=hub, template=template, max_length=max_len, method=m["method"],
+                    quantization=m["quantization"],
+                    quant_note="  # QLoRA: 4-bit NF4 base + LoRA (needs bitsandbytes)" if meth == "qlora" else "",
+                    lora_block=lora_block, objective=objective, objective_block=block, reference_block=reference,
+                    lr=lr_full if meth == "full" else lr_lora)
+                (OUT / f"{name}.py").write_text(text, encoding="utf-8")
+                n += 1
+    return n
+
+
+def main():
+    n = preference_configs()
     for mname, (hub, template, max_len, lr_full, lr_lora) in MODELS.items():
         for meth, m in METHODS.items():
             for dname, (dpath, dformat, dnote) in DATA.items():

@@ -221,3 +221,15 @@ def test_system_prompt_is_added_to_prompts(tmp_path):
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Q", "chosen": "a", "rejected": "b"}])
     prefs, _ = load_preferences(_cfg(tmp_path, data, system="Be kind."))
     assert prefs[0].prompt[0] == Message("system", "Be kind.", False)
+
+
+def test_data_show_prints_each_sequence_with_its_scored_part(tmp_path, capsys):
+    data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": "Capital of France?", "chosen": "Paris.",
+                                               "rejected": "Lyon, I think."}])
+    cfg_path = tmp_path / "c.py"
+    cfg_path.write_text(f"objective = 'dpo'\ndatasets = [{str(data)!r}]\nsystem = 'Be brief.'\n")
+    assert main(["data", "show", str(cfg_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"=== {data}:1 chosen:" in out and f"=== {data}:1 rejected:" in out
+    # outside [[ ]] is exactly what is scored: the answer and its end-of-turn token
+    assert "]]Paris.<|im_end|>" in out and "]]Lyon, I think.<|im_end|>" in out

@@ -631,3 +631,30 @@ def check_command(cfg, tokenizer, template) -> int:
         return 2
     print("data check: OK")
     return 0
+
+
+def show_command(cfg, tokenizer, template, mode: str = "masked_text", n: int = 2) -> int:
+    """`lmtune data show` for preference data: the first `n` units' sequences as the trainer sees them."""
+    from lmtune.data.tools import masked_text
+
+    prefs, _ = load_preferences(cfg)
+    encoded = encode_preferences(prefs[:n], tokenizer, template)
+    names = {CHOSEN: "chosen", REJECTED: "rejected", DESIRABLE: "desirable", UNDESIRABLE: "undesirable", KL: "KL"}
+    for enc in encoded:
+        units, stats = make_units([enc], cfg.objective, cfg.max_length, cfg.seed)
+        if not units:
+            print(f"=== {enc.source}: skipped ({', '.join(stats['skipped'])})")
+            continue
+        for seq in units[0]:
+            ids, labels = seq["input_ids"], seq["labels"]
+            k = sum(1 for x in labels if x != IGNORE_INDEX)
+            print(f"=== {enc.source} {names[seq['role']]}: {len(ids)} tokens, {k} scored ===")
+            if mode == "text":
+                print(tokenizer.decode(ids))
+            elif mode == "input_ids":
+                print(ids)
+            elif mode == "labels":
+                print(labels)
+            else:
+                print(masked_text(ids, labels, tokenizer))
+    return 0

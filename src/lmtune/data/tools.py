@@ -222,6 +222,10 @@ def show_command(cfg, mode: str = "masked_text", n: int = 2) -> int:
     if mode not in ("text", "masked_text", "input_ids", "labels"):
         raise UserError(f"unknown --show mode '{mode}'", hint="use text, masked_text, input_ids or labels")
     tokenizer, template = _load(cfg)
+    from lmtune.data import preference
+
+    if preference.is_preference(cfg.objective):
+        return preference.show_command(cfg, tokenizer, template, mode, n)
     convs, _ = load_conversations(cfg, template)
     shown = 0
     for conv in convs:
