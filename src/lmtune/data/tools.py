@@ -9,9 +9,9 @@ from typing import Any
 
 from lmtune.atomic import check_out_file, write_text_atomic
 from lmtune.data import self_cognition_train_phrases as P
+from lmtune.data.report import MASK_CLOSE, MASK_OPEN, histogram, masked_text  # noqa: F401 (used by data show/check)
 from lmtune.errors import UserError
 
-MASK_OPEN, MASK_CLOSE = "[[", "]]"  # `data show --show masked_text` wraps text without loss in these
 
 
 # --------------------------------------------------------------------------- self-cognition
@@ -137,29 +137,15 @@ def _load(cfg):
     return tokenizer, get_template(cfg.prompt_template, tokenizer)
 
 
-def histogram(lengths: list[int], max_length: int, buckets: int = 8, width: int = 40) -> str:
-    """A text histogram of token lengths, in equal buckets from 0 to max_length."""
-    if not lengths:
-        return "  (no samples)"
-    step = max(1, -(-max_length // buckets))
-    counts = [0] * buckets
-    for n in lengths:
-        counts[min((n - 1) // step, buckets - 1)] += 1
-    top = max(counts)
-    lines = []
-    for b, c in enumerate(counts):
-        lo, hi = b * step + 1, min((b + 1) * step, max_length)
-        bar = "█" * (round(width * c / top) if top else 0)
-        lines.append(f"  {lo:>6}–{hi:<6} {c:>7}  {bar}")
-    return "\n".join(lines)
-
-
 def check_command(cfg) -> int:
     """Validate every record of the config's data and print statistics; 0 if fine, 2 if not."""
+    from lmtune.data import preference
     from lmtune.data.dataset import encode_all, load_conversations, summarize
     from lmtune.data.tokenize import pack
 
     tokenizer, template = _load(cfg)
+    if preference.is_preference(cfg.objective):
+        return preference.check_command(cfg, tokenizer, template)
     errors: list[UserError] = []
     convs, sources = load_conversations(cfg, template, errors)
     encoded = encode_all(convs, tokenizer, template, cfg.max_length, cfg.num_proc)
@@ -209,6 +195,10 @@ def show_command(cfg, mode: str = "masked_text", n: int = 2) -> int:
     if mode not in ("text", "masked_text", "input_ids", "labels"):
         raise UserError(f"unknown --show mode '{mode}'", hint="use text, masked_text, input_ids or labels")
     tokenizer, template = _load(cfg)
+    from lmtune.data import preference
+
+    if preference.is_preference(cfg.objective):
+        return preference.show_command(cfg, tokenizer, template, mode, n)
     convs, _ = load_conversations(cfg, template)
     shown = 0
     for conv in convs:
@@ -233,16 +223,3 @@ def show_command(cfg, mode: str = "masked_text", n: int = 2) -> int:
                 print(masked_text(ids, labels, tokenizer))
             shown += 1
     return 0
-
-
-def masked_text(ids: list[int], labels: list[int], tokenizer) -> str:
-    """Decoded text with the spans that carry no loss wrapped in [[ ]]."""
-    from lmtune.data.tokenize import IGNORE_INDEX
-
-    out, start = [], 0
-    for i in range(1, len(ids) + 1):
-        if i == len(ids) or (labels[i] == IGNORE_INDEX) != (labels[start] == IGNORE_INDEX):
-            text = tokenizer.decode(ids[start:i])
-            out.append(f"{MASK_OPEN}{text}{MASK_CLOSE}" if labels[start] == IGNORE_INDEX else text)
-            start = i
-    return "".join(out)

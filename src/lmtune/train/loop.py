@@ -97,9 +97,9 @@ class Trainer:
             self.template = get_template(cfg.prompt_template, self.tokenizer)
         self.data_stats = {}
         if self.rows is None:
-            from lmtune.data.dataset import build_dataset
+            from lmtune.data.build import build_training_data
 
-            data = build_dataset(cfg, self.tokenizer, self.template)
+            data = build_training_data(cfg, self.tokenizer, self.template)
             self.rows, self.data_stats = data.rows, data.stats
         if not self.rows:
             raise UserError("the training data is empty after tokenization", where=cfg._source,
