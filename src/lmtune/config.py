@@ -43,6 +43,12 @@ class Config:
     shuffle_before_pack: bool = True
     evaluation_freq: int = 0  # steps between in-training chat probes (0 = only at the end)
     evaluation_inputs: list = field(default_factory=list)
+    # Validation: sources like `datasets`, and/or a share (< 1) or count (>= 1) of the training
+    # conversations held out; eval loss and perplexity every eval_steps (0 = only at the end).
+    val_datasets: list = field(default_factory=list)
+    val_set_size: float = 0.0
+    eval_steps: int = 0
+    save_best: bool = False  # keep the checkpoint with the lowest validation loss (best_checkpoint.json)
 
     # ---- PART 2: model & method -------------------------------------------------------
     method: Literal["full", "lora"] = "lora"
@@ -74,6 +80,7 @@ class Config:
     # ---- PART 3: data processing ------------------------------------------------------
     num_proc: int = 1  # tokenization processes
     max_dataset_samples: int = 0  # 0 = all; otherwise keep the first N after mixing
+    pretrain_add_eos: bool = True  # pretraining: end every document with the EOS token
 
     # ---- PART 4: optimizer & schedule -------------------------------------------------
     lr: float = 2e-4
@@ -164,6 +171,8 @@ RANGES = {
     "simpo_gamma": (0.0, None),
     "kto_desirable_weight": (0.0, None),
     "kto_undesirable_weight": (0.0, None),
+    "val_set_size": (0.0, None),
+    "eval_steps": (0, None),
 }
 
 FIELD_NAMES = [f.name for f in dataclasses.fields(Config) if not f.name.startswith("_")]
@@ -250,7 +259,7 @@ def validate(raw: dict, source: str | None = None, lines: dict | None = None) ->
             near = nearest_key(key)
             hint = f"did you mean '{near}'?" if near else "see `lmtune list-cfg` and docs/config.md for the keys"
             raise UserError(f"unknown config key '{key}'", where=where, hint=hint)
-        if name == "datasets" and isinstance(value, (str, dict)):
+        if name in ("datasets", "val_datasets") and isinstance(value, (str, dict)):
             value = [value]
         value = _check_type(name, value, _HINTS[name], where)
         if name in RANGES and isinstance(value, (int, float)):
@@ -299,33 +308,34 @@ def _check_objective(cfg: Config, source: str | None, lines: dict) -> None:
                             where=where("datasets") if fmt != cfg.data_format else where("data_format"))
 
 
-_SOURCE_KEYS = {"path", "format", "repeat", "weight", "name", "split"}
+_SOURCE_KEYS = {"path", "format", "repeat", "weight", "name", "split", "revision", "streaming"}
 
 
 def _check_datasets(cfg: Config, source: str | None, lines: dict) -> None:
-    where = f"{source}:{lines['datasets']}" if source and "datasets" in lines else source
-    normal = []
-    for i, entry in enumerate(cfg.datasets):
-        if isinstance(entry, str):
-            entry = {"path": entry}
-        if not isinstance(entry, dict) or "path" not in entry:
-            raise UserError(
-                f"config key 'datasets[{i}]' must be a path or a dict with a 'path'; got {entry!r}", where=where
-            )
-        unknown = set(entry) - _SOURCE_KEYS
-        if unknown:
-            key = sorted(unknown)[0]
-            near = difflib.get_close_matches(key, sorted(_SOURCE_KEYS), n=1)
-            raise UserError(
-                f"unknown key '{key}' in datasets[{i}]",
-                where=where,
-                hint=f"did you mean '{near[0]}'?" if near else f"valid keys: {', '.join(sorted(_SOURCE_KEYS))}",
-            )
-        entry = dict(entry)
-        entry.setdefault("format", cfg.data_format)
-        entry.setdefault("repeat", 1)
-        normal.append(entry)
-    cfg.datasets = normal
+    for name in ("datasets", "val_datasets"):
+        where = f"{source}:{lines[name]}" if source and name in lines else source
+        normal = []
+        for i, entry in enumerate(getattr(cfg, name)):
+            if isinstance(entry, str):
+                entry = {"path": entry}
+            if not isinstance(entry, dict) or "path" not in entry:
+                raise UserError(
+                    f"config key '{name}[{i}]' must be a path or a dict with a 'path'; got {entry!r}", where=where
+                )
+            unknown = set(entry) - _SOURCE_KEYS
+            if unknown:
+                key = sorted(unknown)[0]
+                near = difflib.get_close_matches(key, sorted(_SOURCE_KEYS), n=1)
+                raise UserError(
+                    f"unknown key '{key}' in {name}[{i}]",
+                    where=where,
+                    hint=f"did you mean '{near[0]}'?" if near else f"valid keys: {', '.join(sorted(_SOURCE_KEYS))}",
+                )
+            entry = dict(entry)
+            entry.setdefault("format", cfg.data_format)
+            entry.setdefault("repeat", 1)
+            normal.append(entry)
+        setattr(cfg, name, normal)
 
 
 # --------------------------------------------------------------------------- loading
@@ -522,7 +532,7 @@ def load_config(name_or_path: str, overrides: dict | None = None) -> Config:
     # "lmtune:NAME" names a data file shipped with lmtune (e.g. the general replay data).
     # Relative data paths are relative to the config file, unless they exist from the cwd.
     base = Path(source).parent
-    for entry in cfg.datasets:
+    for entry in cfg.datasets + cfg.val_datasets:
         if entry["path"].startswith("lmtune:"):
             entry["path"] = str(PACKAGED_DATA / entry["path"][len("lmtune:"):])
             continue
@@ -534,14 +544,17 @@ def load_config(name_or_path: str, overrides: dict | None = None) -> Config:
 
 def check_paths(cfg: Config) -> None:
     """Fail early, naming the key, if a data file or local model path does not exist."""
+    from lmtune.data.hub import is_datasets_source
+
     where = cfg._source or "config"
-    for i, entry in enumerate(cfg.datasets):
-        if not Path(os.path.expanduser(entry["path"])).exists():
-            raise UserError(
-                f"datasets[{i}] path '{entry['path']}' does not exist",
-                where=where,
-                hint="fix the 'datasets' key, or make the data with `lmtune data self-cognition`",
-            )
+    for name in ("datasets", "val_datasets"):
+        for i, entry in enumerate(getattr(cfg, name)):
+            if not Path(os.path.expanduser(entry["path"])).exists() and not is_datasets_source(entry):
+                raise UserError(
+                    f"{name}[{i}] path '{entry['path']}' does not exist",
+                    where=where,
+                    hint=f"fix the '{name}' key, or make the data with `lmtune data self-cognition`",
+                )
     if not cfg.datasets:
         raise UserError("no training data: the 'datasets' key is empty", where=where,
                         hint="set datasets = ['path/to/data.jsonl'] in the config or with --cfg-options")

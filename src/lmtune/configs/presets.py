@@ -30,12 +30,13 @@ NOTES = {
     ),
 }
 DATA = {
+    # name: (path: a file, folder or hub data set id, format, what it is, hub split or None)
     "custom": ("data/my_conversations.jsonl", "openai",
-               "your own conversations, one JSON object per line: {\"messages\": [...]}"),
-    "alpaca": ("data/alpaca_data.json", "alpaca",
-               "Alpaca-style records: instruction / input / output (e.g. tatsu-lab/alpaca, saved locally)"),
-    "oasst1": ("data/oasst1.jsonl", "oasst1",
-               "guanaco-style '### Human: ... ### Assistant: ...' text (e.g. timdettmers/openassistant-guanaco)"),
+               "your own conversations, one JSON object per line: {\"messages\": [...]}", None),
+    "alpaca": ("tatsu-lab/alpaca", "alpaca",
+               "the hub data set (downloaded once; or a local file / save_to_disk folder), see docs/data.md", "train"),
+    "oasst1": ("timdettmers/openassistant-guanaco", "oasst1",
+               "guanaco-style '### Human: ... ### Assistant: ...' text from the hub, see docs/data.md", "train"),
 }
 METHODS = {
     "full": dict(method="full", quantization="none", batch_size=1, accumulative_counts=16, gc="auto"),
@@ -53,7 +54,7 @@ system prompt, evaluation questions) and run `lmtune train ./config/{name}_copy.
 #                          PART 1  Settings                           #
 #######################################################################
 model = {model!r}  # a local folder, a hub id or a .gguf file
-datasets = [dict(path={data_path!r}, format={data_format!r})]  # {data_note}
+datasets = [{data_entry}]  # {data_note}
 prompt_template = 'auto'  # the tokenizer's own chat template; or a name: chatml, llama3_chat, ...
 system = None  # e.g. "You are a helpful assistant."
 max_length = {max_length}
@@ -206,10 +207,12 @@ def render(name: str) -> str | None:
             max_length=max_len, method=m["method"], quantization=m["quantization"], quant_note=_quant_note(meth),
             lora_block=_lora_block(m["method"]), objective=kind, objective_block=block, reference_block=reference,
             lr=pref_lr_full if meth == "full" else pref_lr_lora)
-    dpath, dformat, dnote = DATA[kind]
+    dpath, dformat, dnote, split = DATA[kind]
+    entry = f"dict(path={dpath!r}, split={split!r}, format={dformat!r})" if split else \
+        f"dict(path={dpath!r}, format={dformat!r})"
     return TEMPLATE.format(
         note=note, title=f"{hub}: {meth} fine-tuning on {kind} data.", name=name, model=hub,
-        data_path=dpath, data_format=dformat, data_note=dnote,
+        data_entry=entry, data_note=dnote,
         max_length=max_len, method=m["method"], quantization=m["quantization"], quant_note=_quant_note(meth),
         lora_block=_lora_block(m["method"]), gc=m["gc"], lr=lr_full if meth == "full" else lr_lora,
         batch_size=m["batch_size"], accumulative_counts=m["accumulative_counts"],

@@ -5,14 +5,15 @@ from __future__ import annotations
 MASK_OPEN, MASK_CLOSE = "[[", "]]"  # `data show --show masked_text` wraps text without loss in these
 
 
-def histogram(lengths: list[int], max_length: int, buckets: int = 8, width: int = 40) -> str:
-    """A text histogram of token lengths, in equal buckets from 0 to max_length."""
-    if not lengths:
+def histogram(lengths, max_length: int, buckets: int = 8, width: int = 40) -> str:
+    """A text histogram of token lengths (a sequence or an array), in equal buckets up to max_length."""
+    import numpy as np
+
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if not len(lengths):
         return "  (no samples)"
     step = max(1, -(-max_length // buckets))
-    counts = [0] * buckets
-    for n in lengths:
-        counts[min((n - 1) // step, buckets - 1)] += 1
+    counts = np.bincount(np.minimum((lengths - 1) // step, buckets - 1), minlength=buckets).tolist()
     top = max(counts)
     lines = []
     for b, c in enumerate(counts):

@@ -1,4 +1,4 @@
-"""The `lmtune data` commands: self-cognition, replace, check, show."""
+"""The `lmtune data` commands: self-cognition, replace, prepare, check, show."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from typing import Any
 from lmtune.atomic import check_out_file, write_text_atomic
 from lmtune.data import self_cognition_train_phrases as P
 from lmtune.data.report import MASK_CLOSE, MASK_OPEN, histogram, masked_text  # noqa: F401 (used by data show/check)
+from lmtune.data.tokenize import IGNORE_INDEX
 from lmtune.errors import UserError
 
 
@@ -137,19 +138,43 @@ def _load(cfg):
     return tokenizer, get_template(cfg.prompt_template, tokenizer)
 
 
-def check_command(cfg) -> int:
-    """Validate every record of the config's data and print statistics; 0 if fine, 2 if not."""
+def prepare_command(cfg) -> int:
+    """Build (or find) the token stores and rows of a config's data, ahead of training."""
     from lmtune.data import preference
-    from lmtune.data.dataset import encode_all, load_conversations, summarize
-    from lmtune.data.tokenize import pack
+    from lmtune.data.dataset import build_dataset
+
+    tokenizer, template = _load(cfg)
+    if preference.is_preference(cfg.objective):  # pairs are encoded and cached as training does
+        data = preference.build_preference_dataset(cfg, tokenizer, template, True)
+        print(f"data: {len(data.rows)} rows of preference pairs; cached at {data.stats.get('cache_path')}")
+        return 0
+    data = build_dataset(cfg, tokenizer, template, verify=True)  # an existing store is hashed in full
+    st = data.stats
+    print(f"data: {st['conversations']} conversations -> {st['samples']} samples, {st['tokens']} tokens "
+          f"({st['loss_tokens']} carry loss) -> {st['rows']} rows"
+          + (f" ({'packed' if data.packed else 'unpacked'}, max_length {cfg.max_length})"))
+    if data.val_rows is not None:
+        v = st["val"]
+        print(f"validation: {v['conversations']} conversations, {v['tokens']} tokens, {v['rows']} rows")
+    print(f"store: {st['cache_path']} ({'already prepared' if st['cache'] == 'hit' else 'prepared now'}); "
+          "`lmtune train` with this config uses it as it is")
+    return 0
+
+
+def check_command(cfg) -> int:
+    """Validate every record of the config's data and print statistics; 0 if fine, 2 if not.
+
+    The data is encoded into token stores as for training (with bad records skipped and reported);
+    stores of clean data go into the cache, so training reuses them."""
+    from lmtune.data import preference
+    from lmtune.data.dataset import build_dataset
 
     tokenizer, template = _load(cfg)
     if preference.is_preference(cfg.objective):
         return preference.check_command(cfg, tokenizer, template)
     errors: list[UserError] = []
-    convs, sources = load_conversations(cfg, template, errors)
-    encoded = encode_all(convs, tokenizer, template, cfg.max_length, cfg.num_proc)
-    samples, stats = summarize(convs, encoded)
+    data = build_dataset(cfg, tokenizer, template, errors=errors)
+    stats, sources = data.stats, data.stats["sources"]
 
     print(f"template: {template.name}   stop words: {', '.join(template.stop_words)}   max_length: {cfg.max_length}")
     print("sources:")
@@ -170,13 +195,15 @@ def check_command(cfg) -> int:
     print(f"truncated: {stats['truncated']} (a trained turn or part of one was cut to fit max_length)")
     share = stats["loss_tokens"] / stats["tokens"] if stats["tokens"] else 0.0
     print(f"tokens: {stats['tokens']}, carrying loss: {stats['loss_tokens']} ({share:.1%})")
-    if samples and cfg.pack_to_max_length:
-        rows = pack(samples, cfg.max_length, cfg.shuffle_before_pack, cfg.seed)
-        fill = stats["tokens"] / (len(rows) * cfg.max_length)
-        print(f"packed: {len(rows)} rows of {cfg.max_length} tokens, {fill:.1%} full")
+    if stats["samples"] and cfg.pack_to_max_length:
+        fill = stats["tokens"] / (stats["rows"] * cfg.max_length)
+        print(f"packed: {stats['rows']} rows of {cfg.max_length} tokens, {fill:.1%} full")
+    if "val" in stats:
+        v = stats["val"]
+        print(f"validation: {v['conversations']} conversations, {v['samples']} samples, {v['tokens']} tokens")
     print("token length histogram:")
-    print(histogram(stats["lengths"], cfg.max_length))
-    if errors or not samples:
+    print(histogram(data.sample_lengths(), cfg.max_length))
+    if errors or not stats["samples"]:
         print("data check: PROBLEMS FOUND" if errors else "data check: no usable samples")
         return 2
     print("data check: OK")
@@ -184,13 +211,12 @@ def check_command(cfg) -> int:
 
 
 def show_command(cfg, mode: str = "masked_text", n: int = 2) -> int:
-    """Print the first `n` samples after mixing as the trainer sees them.
+    """Print the first `n` samples in training order (before packing), as the trainer sees them.
 
     masked_text prints the decoded text with every part that carries NO loss wrapped in [[ ]], so
     what is outside the brackets is exactly what the model is trained to produce.
     """
-    from lmtune.data.dataset import load_conversations
-    from lmtune.data.tokenize import IGNORE_INDEX, encode_conversation
+    from lmtune.data.dataset import build_dataset
 
     if mode not in ("text", "masked_text", "input_ids", "labels"):
         raise UserError(f"unknown --show mode '{mode}'", hint="use text, masked_text, input_ids or labels")
@@ -199,27 +225,21 @@ def show_command(cfg, mode: str = "masked_text", n: int = 2) -> int:
 
     if preference.is_preference(cfg.objective):
         return preference.show_command(cfg, tokenizer, template, mode, n)
-    convs, _ = load_conversations(cfg, template)
-    shown = 0
-    for conv in convs:
-        if shown >= n:
-            break
-        enc = encode_conversation(conv, tokenizer, template, cfg.max_length)
-        if enc.skipped:
-            print(f"=== {conv.source}: skipped ({enc.skipped})")
-            continue
-        for sample in enc.samples[: n - shown]:
-            ids, labels = sample["input_ids"], sample["labels"]
-            k = sum(1 for x in labels if x != IGNORE_INDEX)
-            print(f"=== sample {shown + 1} ({conv.source}): {len(ids)} tokens, {k} carry loss"
-                  + (", truncated" if enc.truncated else "") + " ===")
-            if mode == "text":
-                print(tokenizer.decode(ids))
-            elif mode == "input_ids":
-                print(ids)
-            elif mode == "labels":
-                print(labels)
-            else:
-                print(masked_text(ids, labels, tokenizer))
-            shown += 1
+    data = build_dataset(cfg, tokenizer, template)
+    for shown, sample in enumerate(data.samples_in_order(n)):
+        ids, labels = sample["input_ids"], sample["labels"]
+        k = sum(1 for x in labels if x != IGNORE_INDEX)
+        print(f"=== sample {shown + 1} ({sample['source']}): {len(ids)} tokens, {k} carry loss"
+              + (", truncated" if sample["truncated"] else "") + " ===")
+        if mode == "text":
+            print(tokenizer.decode(ids))
+        elif mode == "input_ids":
+            print(ids)
+        elif mode == "labels":
+            print(labels)
+        else:
+            print(masked_text(ids, labels, tokenizer))
+    for ex in data.stats["skipped_examples"][:n]:
+        print(f"=== {ex['source']}: skipped ({ex['reason']})")
     return 0
+
