@@ -68,6 +68,20 @@ def test_the_page_writes_a_config_lmtune_train_loads(tmp_path, tiny_model_dir):
     assert path.read_text() == edited
 
 
+def test_a_config_started_from_a_built_in_keeps_the_keys_the_form_does_not_set(tmp_path, tiny_model_dir):
+    base = "qwen2_5_1_5b_instruct_qlora_custom"
+    form = F.form_from_config(load_config(base))
+    assert (form["model"], form["method"]) == ("Qwen/Qwen2.5-1.5B-Instruct", "qlora")
+    data = write_jsonl(tmp_path / "data.jsonl", _records(4))
+    form.update(model=tiny_model_dir, datasets=str(data), lr=1e-4)
+    path = runs.write_config(tmp_path / "w" / runs.CONFIG_NAME, F.config_values(form, gpus=0), base)
+    cfg, builtin = load_config(str(path)), load_config(base)
+    assert (cfg.model, cfg.lr, cfg.quantization) == (tiny_model_dir, 1e-4, "nf4")
+    for key in ("lora_dropout", "warmup_ratio", "num_proc", "logging_steps", "gradient_checkpointing", "lora_r"):
+        assert getattr(cfg, key) == getattr(builtin, key), key
+    assert f"starting from '{base}'" in path.read_text()
+
+
 def test_a_bad_value_gets_the_cli_message_for_its_field_and_nothing_is_written(tmp_path, tiny_model_dir):
     data = write_jsonl(tmp_path / "data.jsonl", _records(4))
     work = tmp_path / "new" / "w"

@@ -36,6 +36,9 @@ CSS = """
                 border: 1px solid #e5e7eb; border-radius: 6px; padding: 6px 8px; margin: 4px 0; }
 .webui-sample .masked { color: #9ca3af; }
 .webui-check { white-space: pre; font-family: ui-monospace, monospace; font-size: 0.8em; overflow-x: auto; }
+.webui-logbox { max-height: 300px; overflow: auto; display: flex; flex-direction: column-reverse;
+                border: 1px solid #e5e7eb; border-radius: 6px; background: #fafafa; }
+.webui-logbox pre { margin: 0; padding: 6px 8px; font-size: 0.78em; white-space: pre-wrap; word-break: break-all; }
 """
 STATE_TEXT = {"none": "no run yet", "running": "running", "finished": "finished", "stopped": "stopped",
               "failed": "failed", "ended": "ended"}
@@ -61,7 +64,7 @@ def progress_html(p: runs.Progress) -> str:
     else:
         text = "waiting for the first step…" if p.state == "running" else "—"
     return (f'<div class="webui-bar"><div style="width:{p.percent:.1f}%"></div></div>'
-            f'<div style="margin-top:4px">{html.escape(text)}</div>')
+            f'<div class="webui-progress-text" style="margin-top:4px">{html.escape(text)}</div>')
 
 
 def status_html(p: runs.Progress) -> str:
@@ -87,7 +90,7 @@ def loss_svg(losses: list, lrs: list | None = None, total: int | None = None, wi
     left, right, top, bottom = 56, 56 if lrs else 16, 14, 34
     w, h = width - left - right, height - top - bottom
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="100%" '
-             f'style="max-width:{width}px;font:11px sans-serif">',
+             f'style="max-width:{width}px;font:12px sans-serif">',
              f'<rect x="{left}" y="{top}" width="{w}" height="{h}" fill="none" stroke="#d1d5db"/>']
     if not losses:
         parts.append(f'<text x="{left + w / 2}" y="{top + h / 2}" text-anchor="middle" fill="#9ca3af">'
@@ -132,6 +135,11 @@ def loss_svg(losses: list, lrs: list | None = None, total: int | None = None, wi
                      f'fill="#ea580c"><title>step {s}: loss {v:.4f}</title></circle>')
     parts.append("</svg>")
     return "".join(parts)
+
+
+def log_html(text: str) -> str:
+    """The end of a log in a box that stays scrolled to its bottom (column-reverse)."""
+    return f'<div class="webui-logbox"><pre>{html.escape(text or "(no output yet)")}</pre></div>'
 
 
 def stats_md(p: runs.Progress) -> str:
@@ -294,16 +302,16 @@ def build_app(work_dir: str = "work_dirs/webui", gpus: int | None = None):
                     load_btn = gr.Button("Load config", scale=1, elem_id="webui-load")
                 load_msg = gr.Markdown(elem_id="webui-load-msg")
                 with gr.Row():
-                    with gr.Column(scale=3):
+                    with gr.Column(scale=3, min_width=200):
                         form["model"] = gr.Dropdown(F.model_choices(), value=d["model"], allow_custom_value=True,
                                                     filterable=True, label="Model: built-in name, folder or hub id",
                                                     elem_id="webui-model")
                         err_box("model")
-                    with gr.Column(scale=2):
+                    with gr.Column(scale=2, min_width=200):
                         form["method"] = gr.Radio(list(F.METHODS), value=d["method"], label="Method",
                                                   elem_id="webui-method")
                         err_box("method")
-                    with gr.Column(scale=1):
+                    with gr.Column(scale=1, min_width=140):
                         form["objective"] = gr.Dropdown(F.objectives(), value=d["objective"], label="Objective",
                                                         elem_id="webui-objective")
                         err_box("objective")
@@ -391,19 +399,20 @@ def build_app(work_dir: str = "work_dirs/webui", gpus: int | None = None):
                     with gr.Column(scale=2):
                         stats = gr.Markdown(elem_id="webui-stats")
                         probes = gr.Markdown(elem_id="webui-probes")
-                log = gr.Textbox(label=f"Output ({runs.OUTPUT_LOG} in the work dir)", lines=10, max_lines=10,
-                                 interactive=False, autoscroll=True, elem_id="webui-log")
+                gr.Markdown(f"Output (`{runs.OUTPUT_LOG}` in the work dir)")
+                log = gr.HTML(log_html(""), elem_id="webui-log")
                 timer = gr.Timer(2.0)
 
             # ------------------------------------------------------------------ Chat
             with gr.Tab("Chat", id="chat", elem_id="webui-tab-chat"):
-                with gr.Row(equal_height=True):
+                with gr.Row():
                     chat_model = gr.Textbox(label="Model: a folder, a work dir, a hub id or smollm2-135m-instruct",
                                             scale=4, elem_id="webui-chat-model")
                     chat_adapter = gr.Textbox(label="LoRA adapter (optional)", scale=3, elem_id="webui-chat-adapter")
-                    use_trained = gr.Button("Use the trained model", scale=1, elem_id="webui-chat-trained")
-                    chat_load = gr.Button("Load", variant="primary", scale=1, elem_id="webui-chat-load")
-                    chat_unload = gr.Button("Unload", scale=1, elem_id="webui-chat-unload")
+                with gr.Row():
+                    use_trained = gr.Button("Use the trained model", size="sm", elem_id="webui-chat-trained")
+                    chat_load = gr.Button("Load", variant="primary", size="sm", elem_id="webui-chat-load")
+                    chat_unload = gr.Button("Unload", size="sm", elem_id="webui-chat-unload")
                 chat_status = gr.Markdown("*No model loaded.*", elem_id="webui-chat-status")
                 panel = chat_panel(page.chat.current, no_engine="Load a model above first.", autofocus=False)
 
@@ -412,11 +421,11 @@ def build_app(work_dir: str = "work_dirs/webui", gpus: int | None = None):
                 kinds = runs.export_kinds()
                 export_kind = gr.Radio([(label, k) for k, label in kinds.items()], value="pth_to_hf",
                                        label="Export", elem_id="webui-export-kind")
-                with gr.Row(equal_height=True):
+                with gr.Row():
                     export_src = gr.Textbox(label="From (a checkpoint for pth_to_hf; an adapter for merge; a model, "
                                                   "adapter or work dir otherwise)", scale=4, elem_id="webui-export-src")
                     export_base = gr.Textbox(label="Base model (merge)", scale=2, elem_id="webui-export-base")
-                    fill_btn = gr.Button("Fill from the work dir", scale=1, elem_id="webui-export-fill")
+                    fill_btn = gr.Button("Fill from the work dir", scale=1, size="sm", elem_id="webui-export-fill")
                 with gr.Row(equal_height=True):
                     export_out = gr.Textbox(label="Output path", scale=4, elem_id="webui-export-out")
                     export_overwrite = gr.Checkbox(False, label="Replace the output if it exists (--overwrite)",
@@ -425,8 +434,7 @@ def build_app(work_dir: str = "work_dirs/webui", gpus: int | None = None):
                     export_btn = gr.Button("Export", variant="primary", elem_id="webui-export-run")
                     export_stop = gr.Button("Stop", variant="stop", elem_id="webui-export-stop")
                 export_status = gr.Markdown(elem_id="webui-export-status")
-                export_log = gr.Textbox(label="Output", lines=10, max_lines=10, interactive=False, autoscroll=True,
-                                        elem_id="webui-export-log")
+                export_log = gr.HTML(log_html(""), elem_id="webui-export-log")
 
         form_keys = list(form)
         form_inputs = [form[k] for k in form_keys]
@@ -443,8 +451,8 @@ def build_app(work_dir: str = "work_dirs/webui", gpus: int | None = None):
             field = runs.error_field(e) if e is not None else None
             if field == "scaling" and not gpus:
                 field = None
-            boxes = [gr.update(value=f"⚠️ {e}" if k == field else "", visible=k == field) for k in form_keys]
-            general = f"**⚠️ {html.escape(str(e))}**".replace("\n", "  \n") if e is not None and field not in form else ""
+            boxes = [gr.update(value=f"⚠ {e}" if k == field else "", visible=k == field) for k in form_keys]
+            general = f"**⚠ {html.escape(str(e))}**".replace("\n", "  \n") if e is not None and field not in form else ""
             return boxes, general
 
         def prepare(args, write: bool):
@@ -505,12 +513,12 @@ def build_app(work_dir: str = "work_dirs/webui", gpus: int | None = None):
             try:
                 return runs.stop_train(w)
             except UserError as e:
-                return f"**⚠️ {e}**"
+                return f"**⚠ {e}**"
 
         def on_refresh(w):
             p = runs.read_progress(w) if w else runs.Progress()
             return (status_html(p), progress_html(p), loss_svg(p.losses, p.lrs, p.total), stats_md(p),
-                    probes_md(p), p.log_tail)
+                    probes_md(p), log_html(p.log_tail))
 
         def on_load_config(name, path):
             base = (path or "").strip() or (name if name and name != NO_BASE else None)
@@ -519,7 +527,7 @@ def build_app(work_dir: str = "work_dirs/webui", gpus: int | None = None):
             try:
                 cfg = load_config(base)
             except UserError as e:
-                return [gr.update() for _ in form_keys] + [None, f"**⚠️ {html.escape(str(e))}**"]
+                return [gr.update() for _ in form_keys] + [None, f"**⚠ {html.escape(str(e))}**"]
             values = F.form_from_config(cfg)
             updates = [gr.update(value=values[k]) if values.get(k) is not None else gr.update() for k in form_keys]
             return updates + [base, f"Loaded **{base}**: the fields below start from it; its other keys are kept "
@@ -594,7 +602,7 @@ def build_app(work_dir: str = "work_dirs/webui", gpus: int | None = None):
             try:
                 engine = page.chat.load(model, adapter or None)
             except UserError as e:
-                yield f"**⚠️ {html.escape(str(e))}**", gr.update(), gr.update()
+                yield f"**⚠ {html.escape(str(e))}**", gr.update(), gr.update()
                 return
             limit = max_new_tokens_limit(engine)
             yield (f"Loaded **{page.chat.label}** on {engine.device} in {time.time() - t0:.1f} s "
@@ -636,7 +644,7 @@ def build_app(work_dir: str = "work_dirs/webui", gpus: int | None = None):
                 args = runs.export_args(kind, source=(src or "").strip(), out=(out or "").strip(),
                                         base=(base or "").strip() or None, overwrite=ow)
             except UserError as e:
-                yield f"**⚠️ {html.escape(str(e))}**", ""
+                yield f"**⚠ {html.escape(str(e))}**", log_html("")
                 return
             log_path = (Path(w) if w and Path(w).is_dir() else Path(os.path.expanduser("~/.cache/lmtune"))) \
                 / "webui_export.log"
@@ -645,16 +653,16 @@ def build_app(work_dir: str = "work_dirs/webui", gpus: int | None = None):
             shown = f"```\n{runs.shell_command(args)}\n```"
             t0 = time.time()
             while proc.poll() is None:
-                yield f"Running ({time.time() - t0:.0f} s):\n{shown}", runs.tail(log_path, 200)
+                yield f"Running ({time.time() - t0:.0f} s):\n{shown}", log_html(runs.tail_text(runs.last_attempt(log_path), 200))
                 time.sleep(0.5)
             output = runs.last_attempt(log_path)
             if proc.returncode == 0:
-                done = f"✅ Done in {time.time() - t0:.0f} s: **{out.strip()}**\n{shown}"
+                done = f"✓ Done in {time.time() - t0:.0f} s: **{out.strip()}**\n{shown}"
             elif proc.returncode < 0:
                 done = f"Stopped.\n{shown}"
             else:
-                done = f"**⚠️ {html.escape(runs.error_text(output) or f'exit status {proc.returncode}')}**\n{shown}"
-            yield done, runs.tail(log_path, 200)
+                done = f"**⚠ {html.escape(runs.error_text(output) or f'exit status {proc.returncode}')}**\n{shown}"
+            yield done, log_html(runs.tail_text(runs.last_attempt(log_path), 200))
 
         def on_export_stop():
             pid = page.export_pid

@@ -66,21 +66,14 @@ def train_args(config: str | Path, work_dir: str | Path, *, resume: bool = False
 
 
 def export_kinds() -> dict[str, str]:
-    """The exports this lmtune offers, {kind: label}: read from the CLI, so `export gguf` appears
-    here once the command exists."""
-    from lmtune.cli import build_parser
+    """The exports this lmtune offers, {kind: label}. GGUF appears once lmtune has its exporter
+    (`lmtune export gguf`, module lmtune.export.gguf)."""
+    from importlib.util import find_spec
 
     kinds = {"pth_to_hf": "Hugging Face folder from a checkpoint (convert pth_to_hf)",
-             "merge": "LoRA merged into its base (convert merge)"}
-    parser = build_parser()
-    sub = next(a for a in parser._subparsers._group_actions if a.dest == "command")  # noqa: SLF001
-    export = sub.choices.get("export")
-    names = {}
-    if export is not None and export._subparsers is not None:  # noqa: SLF001
-        names = next(a for a in export._subparsers._group_actions if a.dest == "export_command").choices  # noqa: SLF001
-    if "app" in names:
-        kinds["app"] = "app bundle: model + app.py (export app)"
-    if "gguf" in names:
+             "merge": "LoRA merged into its base (convert merge)",
+             "app": "app bundle: model + app.py (export app)"}
+    if find_spec("lmtune.export.gguf") is not None:
         kinds["gguf"] = "one GGUF file for llama.cpp / Ollama (export gguf)"
     return kinds
 
@@ -431,6 +424,10 @@ def tail(path: Path, lines: int = 30, max_bytes: int = 64 * 1024) -> str:
             data = f.read().decode("utf-8", errors="replace")
     except OSError:
         return ""
+    return tail_text(data, lines)
+
+
+def tail_text(data: str, lines: int = 30) -> str:
     out = []
     for line in data.split("\n"):
         parts = [p for p in line.split("\r") if p.strip()]
