@@ -37,12 +37,15 @@ class CausalLM:
     def lora_targets(self, cfg, model):
         return cfg.lora_target_modules
 
-    def add_lora(self, model, cfg):
-        """The model wrapped by peft with the config's LoRA (on `lora_targets`)."""
+    def add_lora(self, model, cfg, custom_modules: dict | None = None):
+        """The model wrapped by peft with the config's LoRA (on `lora_targets`); `custom_modules`
+        maps base layer types to LoRA layer classes (the fused layers of lmtune.models.lora_fused)."""
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=self.lora_targets(cfg, model), task_type=self.peft_task_type, bias="none")
+        if custom_modules:
+            lora._register_custom_module(custom_modules)  # peft's dispatch hook for custom LoRA layers
         return get_peft_model(model, lora)
 
     def inputs(self, batch: dict) -> dict:
