@@ -16,7 +16,7 @@ import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
 from conftest import write_jsonl  # noqa: E402
-from test_serve_common import ENV, ROOT, free_port, stop_server  # noqa: E402
+from test_serve_common import ENV, ROOT, free_port, stop_server, tiny_model  # noqa: E402,F401
 from test_serve_web import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
 
 
@@ -74,6 +74,23 @@ def test_only_the_command_line_imports_the_page():
     users = {m for m, deps in import_graph().items() if not m.startswith("lmtune.webui")
              and any(d.startswith("lmtune.webui") for d in deps)}
     assert users == {"lmtune.cli"}
+
+
+def test_unload_frees_the_chat_model(tiny_model):  # noqa: F811
+    import gc
+    import weakref
+
+    from lmtune.webui.app import ChatSlot
+
+    slot = ChatSlot()
+    engine = slot.load(str(tiny_model))
+    assert slot.current() is engine and slot.label == str(tiny_model)
+    assert engine.generate([{"role": "user", "content": "Hi"}], max_new_tokens=4).completion_tokens > 0
+    model = weakref.ref(engine.model)
+    del engine
+    slot.unload()
+    gc.collect()
+    assert slot.current() is None and model() is None  # nothing holds the weights any more
 
 
 def _identity_records() -> list[dict]:

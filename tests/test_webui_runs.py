@@ -16,6 +16,7 @@ from lmtune.errors import UserError
 from lmtune.train import checkpoint as ckpt
 from lmtune.webui import form as F
 from lmtune.webui import runs
+from test_serve_common import tiny_model  # noqa: F401
 from test_train import _records
 
 ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
@@ -172,3 +173,16 @@ def test_export_commands_are_the_cli_commands():
     assert {"pth_to_hf", "merge", "app"} <= set(runs.export_kinds())
     assert runs.shell_command(runs.train_args("my config.py", "w", resume=True)) == \
         "lmtune train 'my config.py' --work-dir w --resume auto"
+
+
+def test_an_export_runs_the_cli_in_its_own_process_group(tmp_path, tiny_model):  # noqa: F811
+    pytest.importorskip("gguf")  # an optional extra of `lmtune export gguf`, not lmtune's own code
+    out = tmp_path / "tiny.gguf"
+    args = runs.export_args("gguf", source=str(tiny_model), out=str(out))
+    proc = runs.spawn(args, tmp_path / "export.log")
+    assert os.getpgid(proc.pid) == proc.pid != os.getpgid(0)
+    assert proc.wait(timeout=300) == 0, (tmp_path / "export.log").read_text()
+    assert out.stat().st_size > 0 and out.read_bytes()[:4] == b"GGUF"
+    output = runs.last_attempt(tmp_path / "export.log")
+    assert output.startswith("=== webui: ") and f"lmtune export gguf {tiny_model} {out}" in output
+    assert runs.error_text(output) is None

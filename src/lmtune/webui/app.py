@@ -222,9 +222,8 @@ class ChatSlot:
     def unload(self) -> None:
         with self._lock:
             old, self.engine, self.label = self.engine, None, None
-        close = getattr(old, "close", None)
-        if callable(close):
-            close()
+        if old is not None:
+            old.close()  # stops its worker, which would otherwise keep the model alive
         del old
         gc.collect()
 
