@@ -185,6 +185,9 @@ class Trainer:
     def train(self) -> Path | None:
         cfg = self.cfg
         self.log.open()
+        # A record without "loss": where this (possibly resumed) run starts and how far it goes,
+        # so a watcher (the webui) can show progress before the first step is done.
+        self.log.write({"step": self.state.step, "total_steps": self.total_steps})
         if cfg.evaluation_inputs and self.state.step == 0:
             self._probe()
         bar = self._progress()
