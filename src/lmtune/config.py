@@ -35,7 +35,7 @@ class Config:
     model: str = "smollm2-135m-instruct"
     # Data sources mixed together; see docs/data.md.
     datasets: list = field(default_factory=list)
-    data_format: Literal["auto", "openai", "alpaca", "sharegpt", "oasst1", "pretrain"] = "auto"
+    data_format: Literal["auto", "openai", "alpaca", "sharegpt", "oasst1", "pretrain", "kto"] = "auto"
     prompt_template: str = "auto"  # a template name, or "auto" = the tokenizer's own
     system: Optional[str] = None  # system prompt added to conversations that have none
     max_length: int = 2048
@@ -52,7 +52,19 @@ class Config:
 
     # ---- PART 2: model & method -------------------------------------------------------
     method: Literal["full", "lora"] = "lora"
-    objective: Literal["sft", "pretrain"] = "sft"
+    objective: Literal["sft", "pretrain", "dpo", "orpo", "simpo", "kto", "reward"] = "sft"
+    # Preference optimisation (objectives dpo, orpo, simpo, kto, reward); see docs/preference.md.
+    dpo_loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    beta: Optional[float] = None  # None: the objective's default (dpo, kto: 0.1; simpo: 2.0)
+    label_smoothing: float = 0.0  # dpo (sigmoid) and simpo: the share of pairs taken as mislabelled
+    orpo_lambda: float = 0.1  # weight of ORPO's odds-ratio term beside the chosen answer's NLL
+    simpo_gamma: float = 0.5  # SimPO's target reward margin
+    simpo_length_normalize: bool = True  # SimPO: mean log-probability per token (False: the sum)
+    kto_desirable_weight: float = 1.0
+    kto_undesirable_weight: float = 1.0
+    # dpo / kto: the reference's log-probabilities computed once before training and cached beside
+    # the data cache (no reference forward during training, no second model in memory).
+    precompute_reference: bool = False
     quantization: Literal["none", "nf4", "int8"] = "none"
     lora_r: int = 16
     lora_alpha: int = 32
@@ -154,6 +166,11 @@ RANGES = {
     "eval_max_new_tokens": (1, None),
     "max_dataset_samples": (0, None),
     "num_workers": (0, None),
+    "label_smoothing": (0.0, 0.49),
+    "orpo_lambda": (0.0, None),
+    "simpo_gamma": (0.0, None),
+    "kto_desirable_weight": (0.0, None),
+    "kto_undesirable_weight": (0.0, None),
     "val_set_size": (0.0, None),
     "eval_steps": (0, None),
 }
@@ -259,7 +276,36 @@ def validate(raw: dict, source: str | None = None, lines: dict | None = None) ->
         raise UserError(f"batch_tokens cannot be used with strategy '{cfg.strategy}'{' (deepspeed)' * bool(cfg.deepspeed)}: "
                         "its processes must all run the same number of micro-batches", where=where,
                         hint="remove batch_tokens (micro-batches of batch_size rows), or use strategy 'ddp'")
+    _check_objective(cfg, source, lines)
     return cfg
+
+
+PREFERENCE_FORMATS = ("auto", "openai", "sharegpt", "alpaca", "kto")
+
+
+def _check_objective(cfg: Config, source: str | None, lines: dict) -> None:
+    """Keys that only make sense together (preference objectives, their options, data formats)."""
+    def where(key):
+        return f"{source}:{lines[key]}" if source and key in lines else source
+
+    preference = cfg.objective in ("dpo", "orpo", "simpo", "kto", "reward")
+    if cfg.beta is not None and not cfg.beta > 0:
+        raise UserError(f"config key 'beta' must be > 0, got {cfg.beta!r}", where=where("beta"))
+    if cfg.label_smoothing and not (cfg.objective in ("dpo", "simpo") and cfg.dpo_loss == "sigmoid"):
+        raise UserError("label_smoothing applies to objective 'dpo' with dpo_loss = 'sigmoid', and to 'simpo'",
+                        where=where("label_smoothing"), hint="set label_smoothing = 0.0")
+    if cfg.objective == "reward" and cfg.evaluation_inputs:
+        raise UserError("a reward model does not generate text, so evaluation_inputs cannot be answered",
+                        where=where("evaluation_inputs"), hint="set evaluation_inputs = []")
+    formats = [cfg.data_format] + [d.get("format", cfg.data_format) for d in cfg.datasets]
+    for fmt in formats:
+        if preference and fmt not in PREFERENCE_FORMATS:
+            raise UserError(f"data format '{fmt}' holds no preference pairs (objective '{cfg.objective}')",
+                            where=where("datasets") if fmt != cfg.data_format else where("data_format"),
+                            hint=f"use one of {', '.join(PREFERENCE_FORMATS)}; see docs/preference.md")
+        if not preference and fmt == "kto":
+            raise UserError(f"data format 'kto' is for objective 'kto', not '{cfg.objective}'",
+                            where=where("datasets") if fmt != cfg.data_format else where("data_format"))
 
 
 _SOURCE_KEYS = {"path", "format", "repeat", "weight", "name", "split", "revision", "streaming"}

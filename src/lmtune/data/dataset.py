@@ -196,40 +196,37 @@ def _probe(template: ChatTemplate) -> list[str]:
     return out
 
 
+def cache_key(cfg, tokenizer, template: ChatTemplate) -> str:
+    """One key for a config's whole data (the preference-pair cache uses it; token stores are keyed
+    per source by `source_key`)."""
+    h = hashlib.sha256()
+    settings = {
+        "v": CACHE_VERSION, "datasets": cfg.datasets, "data_format": cfg.data_format,
+        "max_length": cfg.max_length, "pack": cfg.pack_to_max_length, "shuffle": cfg.shuffle_before_pack,
+        "system": cfg.system, "objective": cfg.objective, "seed": cfg.seed,
+        "max_dataset_samples": cfg.max_dataset_samples, "template": template.name,
+        "probe": _probe(template), "encoder": _encoder_versions(),
+    }
+    h.update(json.dumps(settings, sort_keys=True, default=str).encode())
+    h.update(_tokenizer_fingerprint(tokenizer).encode())
+    for entry in cfg.datasets:
+        if Path(os.path.expanduser(str(entry["path"]))).exists():
+            for file in list_files(entry["path"]):
+                h.update(_file_digest(file).encode())
+    return h.hexdigest()[:32]
+
+
 def _digest(obj) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:32]
 
 
-def _shared_key_parts(tokenizer, template: ChatTemplate) -> dict:
-    return {"tokenizer": _tokenizer_fingerprint(tokenizer), "probe": _probe(template), "encoder": _encoder_versions()}
-
-
-def _rows_key(cfg, train_keys: list, val_keys: list) -> str:
-    """What the rows index depends on: the stores, and the mixing, splitting and packing settings."""
-    factors = [_factor(entry, i, cfg._source or "config") for i, entry in enumerate(cfg.datasets)]
-    return _digest({"v": CACHE_VERSION, "train": train_keys, "val": val_keys, "factors": factors, "seed": cfg.seed,
-                    "pack": bool(cfg.pack_to_max_length), "shuffle": cfg.shuffle_before_pack,
-                    "max_length": cfg.max_length, "max_dataset_samples": cfg.max_dataset_samples,
-                    "val_set_size": cfg.val_set_size})
-
-
-def cache_key(cfg, tokenizer, template: ChatTemplate) -> str:
-    """The key of a config's rows (rows-<key>/ in the cache): every source's key and the settings."""
-    shared, schema = _shared_key_parts(tokenizer, template), kind_for(cfg).schema
-    where = cfg._source or "config"
-    keys = {name: [source_key(e, cfg, template, schema, shared, f"{where} ({name}[{i}])")
-                   for i, e in enumerate(getattr(cfg, name))] for name in ("datasets", "val_datasets")}
-    return _rows_key(cfg, keys["datasets"], keys["val_datasets"])
-
-
-def source_key(entry: dict, cfg, template: ChatTemplate, schema: dict, shared: dict, where: str) -> str:
-    """What one source's token store depends on: its data, and (`shared`: see _shared_key_parts)
-    the tokenizer, the template, the encoding code and the settings that change the encoding."""
+def source_key(entry: dict, cfg, tokenizer, template: ChatTemplate, schema: dict, tok_fp: str, where: str) -> str:
+    """What one source's token store depends on: its data, the tokenizer, template and settings."""
     settings = {
         "v": CACHE_VERSION, "path": str(entry["path"]), "format": entry.get("format") or cfg.data_format,
         "hub": {k: entry.get(k) for k in hub.HUB_KEYS}, "max_length": cfg.max_length, "system": cfg.system,
         "objective": cfg.objective, "eos": cfg.pretrain_add_eos, "schema": schema, "template": template.name,
-        **shared,
+        "probe": _probe(template), "encoder": _encoder_versions(), "tokenizer": tok_fp,
     }
     path = hub.local_path(entry)
     if path.exists():
@@ -312,7 +309,7 @@ def _no_samples(cfg, stats: dict) -> UserError:
     )
 
 
-def _open_sources(entries: list, cfg, tokenizer, template, root: Path, use_lock: bool, errors, log, shared: dict,
+def _open_sources(entries: list, cfg, tokenizer, template, root: Path, use_lock: bool, errors, log, tok_fp,
                   kind: RowKind, name: str = "datasets", verify: bool = False):
     """The token store of each entry (built if needed); with `errors`, a source that cannot be read
     at all is reported there and left out. Returns (Sources, keys, [(index, path, read, errors, opened)])."""
@@ -323,7 +320,7 @@ def _open_sources(entries: list, cfg, tokenizer, template, root: Path, use_lock:
         here = f"{where} ({name}[{i}])"
         try:
             check_format(entry.get("format") or cfg.data_format, where=f"{here[:-1]}.format)")
-            key = source_key(entry, cfg, template, kind.schema, shared, here)
+            key = source_key(entry, cfg, tokenizer, template, kind.schema, tok_fp, here)
             with (_lock(f"tok-{key}") if use_lock else _nolock()):
                 store = build_source_store(entry, here, cfg, tokenizer, template, key, root, errors=errors, kind=kind,
                                            log=log, verify=verify)
@@ -363,15 +360,18 @@ def build_dataset(cfg, tokenizer, template: ChatTemplate, use_cache: bool = True
                         hint="set datasets = ['path/to/data.jsonl'] in the config")
     factors = [_factor(entry, i, where) for i, entry in enumerate(cfg.datasets)]
     root = cache_dir() if use_cache else Path(tempfile.mkdtemp(prefix="lmtune-data-"))
-    shared = _shared_key_parts(tokenizer, template)
+    tok_fp = _tokenizer_fingerprint(tokenizer)
     kind = kind_for(cfg)
     try:
         train_src, train_keys, info = _open_sources(cfg.datasets, cfg, tokenizer, template, root, use_cache, errors,
-                                                    log, shared, kind, verify=verify)
+                                                    log, tok_fp, kind, verify=verify)
         val_src, val_keys, _ = _open_sources(cfg.val_datasets, cfg, tokenizer, template, root, use_cache, errors,
-                                             log, shared, kind, name="val_datasets", verify=verify)
+                                             log, tok_fp, kind, name="val_datasets", verify=verify)
         packed = bool(cfg.pack_to_max_length)
-        key = _rows_key(cfg, train_keys, val_keys)
+        settings = {"v": CACHE_VERSION, "train": train_keys, "val": val_keys, "factors": factors, "seed": cfg.seed,
+                    "pack": packed, "shuffle": cfg.shuffle_before_pack, "max_length": cfg.max_length,
+                    "max_dataset_samples": cfg.max_dataset_samples, "val_set_size": cfg.val_set_size}
+        key = _digest(settings)
         folder = root / f"rows-{key}"
         n_samples = int(train_src.sample_base[-1] + val_src.sample_base[-1])
         with (_lock(f"rows-{key}") if use_cache else _nolock()):

@@ -9,10 +9,10 @@ from typing import Any
 
 from lmtune.atomic import check_out_file, write_text_atomic
 from lmtune.data import self_cognition_train_phrases as P
+from lmtune.data.report import MASK_CLOSE, MASK_OPEN, histogram, masked_text  # noqa: F401 (used by data show/check)
 from lmtune.data.tokenize import IGNORE_INDEX
 from lmtune.errors import UserError
 
-MASK_OPEN, MASK_CLOSE = "[[", "]]"  # `data show --show masked_text` wraps text without loss in these
 
 
 # --------------------------------------------------------------------------- self-cognition
@@ -138,29 +138,16 @@ def _load(cfg):
     return tokenizer, get_template(cfg.prompt_template, tokenizer)
 
 
-def histogram(lengths, max_length: int, buckets: int = 8, width: int = 40) -> str:
-    """A text histogram of token lengths (a sequence or an array), in equal buckets up to max_length."""
-    import numpy as np
-
-    lengths = np.asarray(lengths, dtype=np.int64)
-    if not len(lengths):
-        return "  (no samples)"
-    step = max(1, -(-max_length // buckets))
-    counts = np.bincount(np.minimum((lengths - 1) // step, buckets - 1), minlength=buckets).tolist()
-    top = max(counts)
-    lines = []
-    for b, c in enumerate(counts):
-        lo, hi = b * step + 1, min((b + 1) * step, max_length)
-        bar = "█" * (round(width * c / top) if top else 0)
-        lines.append(f"  {lo:>6}–{hi:<6} {c:>7}  {bar}")
-    return "\n".join(lines)
-
-
 def prepare_command(cfg) -> int:
     """Build (or find) the token stores and rows of a config's data, ahead of training."""
+    from lmtune.data import preference
     from lmtune.data.dataset import build_dataset
 
     tokenizer, template = _load(cfg)
+    if preference.is_preference(cfg.objective):  # pairs are encoded and cached as training does
+        data = preference.build_preference_dataset(cfg, tokenizer, template, True)
+        print(f"data: {len(data.rows)} rows of preference pairs; cached at {data.stats.get('cache_path')}")
+        return 0
     data = build_dataset(cfg, tokenizer, template, verify=True)  # an existing store is hashed in full
     st = data.stats
     print(f"data: {st['conversations']} conversations -> {st['samples']} samples, {st['tokens']} tokens "
@@ -179,9 +166,12 @@ def check_command(cfg) -> int:
 
     The data is encoded into token stores as for training (with bad records skipped and reported);
     stores of clean data go into the cache, so training reuses them."""
+    from lmtune.data import preference
     from lmtune.data.dataset import build_dataset
 
     tokenizer, template = _load(cfg)
+    if preference.is_preference(cfg.objective):
+        return preference.check_command(cfg, tokenizer, template)
     errors: list[UserError] = []
     data = build_dataset(cfg, tokenizer, template, errors=errors)
     stats, sources = data.stats, data.stats["sources"]
@@ -231,6 +221,10 @@ def show_command(cfg, mode: str = "masked_text", n: int = 2) -> int:
     if mode not in ("text", "masked_text", "input_ids", "labels"):
         raise UserError(f"unknown --show mode '{mode}'", hint="use text, masked_text, input_ids or labels")
     tokenizer, template = _load(cfg)
+    from lmtune.data import preference
+
+    if preference.is_preference(cfg.objective):
+        return preference.show_command(cfg, tokenizer, template, mode, n)
     data = build_dataset(cfg, tokenizer, template)
     for shown, sample in enumerate(data.samples_in_order(n)):
         ids, labels = sample["input_ids"], sample["labels"]
@@ -249,13 +243,3 @@ def show_command(cfg, mode: str = "masked_text", n: int = 2) -> int:
         print(f"=== {ex['source']}: skipped ({ex['reason']})")
     return 0
 
-
-def masked_text(ids: list[int], labels: list[int], tokenizer) -> str:
-    """Decoded text with the spans that carry no loss wrapped in [[ ]]."""
-    out, start = [], 0
-    for i in range(1, len(ids) + 1):
-        if i == len(ids) or (labels[i] == IGNORE_INDEX) != (labels[start] == IGNORE_INDEX):
-            text = tokenizer.decode(ids[start:i])
-            out.append(f"{MASK_OPEN}{text}{MASK_CLOSE}" if labels[start] == IGNORE_INDEX else text)
-            start = i
-    return "".join(out)

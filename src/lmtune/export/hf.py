@@ -55,7 +55,7 @@ def _write_meta(folder: Path, cfg, template) -> None:
 def _generation_config(model, tokenizer, template):
     from lmtune.models.generation import stop_token_ids
 
-    gen = model.generation_config
+    gen = getattr(model, "generation_config", None)  # None for a reward model (it does not generate)
     stops = stop_token_ids(tokenizer, template.stop_words if template is not None else [])
     if gen is not None and stops:
         gen.eos_token_id = stops if len(stops) > 1 else stops[0]
@@ -134,12 +134,13 @@ def pth_to_hf(config: str | None, checkpoint: str, out: str, fp32: bool = False,
     cfg = load_config(config if config else str(ck / "config.py"))
     tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
     template = get_template(cfg.prompt_template, tokenizer)
-    model = load_model(cfg.model, dtype="float32" if fp32 else "auto", trust_remote_code=cfg.trust_remote_code,
-                       allow_pickle=cfg.allow_pickle)
-    if cfg.method == "lora":
-        from lmtune.models.kinds import model_kind
+    from lmtune.models.kinds import model_kind
 
-        model = model_kind(cfg).add_lora(model, cfg)
+    kind = model_kind(cfg)
+    model = load_model(cfg.model, dtype="float32" if fp32 else "auto", trust_remote_code=cfg.trust_remote_code,
+                       allow_pickle=cfg.allow_pickle, head=kind.head)
+    if cfg.method == "lora":
+        model = kind.add_lora(model, cfg)
     params = dict(model.named_parameters())
     if is_sharded_checkpoint(ck):  # written in parts by FSDP2 / DeepSpeed: put them together
 
@@ -232,7 +233,10 @@ def merge(base: str, adapter: str, out: str, max_shard_size: str = "2GB", save_f
         raise UserError(f"'{adapter}' is not a LoRA adapter folder (no adapter_config.json)")
     check_not_input(out, base=base, adapter=adapter_dir)
     check_hf_out(out, overwrite)  # before the slow loading
-    model = load_model(base, dtype="auto", trust_remote_code=trust_remote_code)
+    # A reward model's adapter (peft task SEQ_CLS) goes on the base loaded as a sequence classifier.
+    task = json.loads((adapter_dir / "adapter_config.json").read_text()).get("task_type")
+    model = load_model(base, dtype="auto", trust_remote_code=trust_remote_code,
+                       head="score" if task == "SEQ_CLS" else "lm")
     check_adapter_fits(model, adapter_dir)
     model = PeftModel.from_pretrained(model, str(adapter_dir))
     merged = model.merge_and_unload()

@@ -1,6 +1,8 @@
 """Model kinds: how a kind of model is loaded, where LoRA goes and how a flat batch is fed to it.
 
     causal_lm   a decoder-only language model (AutoModelForCausalLM, InternLM2 via our mapping)
+    reward      the same backbone with a scalar head (AutoModelForSequenceClassification, one label):
+                objective "reward"; exported as a sequence-classification folder
 
 A new kind (e.g. a vision-language model) is a new class with the same four methods, returned by
 `model_kind(cfg)`; the loop, the objectives and the strategies stay as they are.
@@ -14,6 +16,7 @@ import torch
 class CausalLM:
     name = "causal_lm"
     peft_task_type = "CAUSAL_LM"
+    head = "lm"  # what load_model puts on the backbone
 
     def load_tokenizer(self, cfg):
         from lmtune.models.loader import load_tokenizer
@@ -32,6 +35,7 @@ class CausalLM:
             cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle,
             quantization=cfg.quantization, device=str(device) if cfg.quantization != "none" else None,
             attn_implementation=None if cfg.attn_implementation == "auto" else cfg.attn_implementation,
+            head=self.head,
         )
 
     def lora_targets(self, cfg, model):
@@ -53,8 +57,20 @@ class CausalLM:
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
 
 
+class RewardModel(CausalLM):
+    name = "reward"
+    peft_task_type = "SEQ_CLS"  # peft then also trains and saves the new `score` head
+    head = "score"
+
+    def load(self, cfg, device: torch.device):
+        model = super().load(cfg, device)
+        if cfg.quantization != "none":
+            model.score.float()  # the new head trains in full precision next to the 4/8-bit body
+        return model
+
+
 def model_kind(cfg) -> CausalLM:
-    return CausalLM()
+    return RewardModel() if cfg.objective == "reward" else CausalLM()
 
 
 def base_model(model):

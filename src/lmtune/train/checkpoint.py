@@ -129,6 +129,16 @@ def latest_checkpoint(work_dir: Path, quiet: bool = False) -> Path | None:
     return None
 
 
+def diverged(work_dir: Path, loss: float, step: int) -> UserError:
+    """The error for a non-finite loss: nothing is saved for this step; the last good checkpoint stays."""
+    prev = latest_checkpoint(work_dir, quiet=True)
+    kept = f"the last good checkpoint is {prev}" if prev else "no checkpoint had been saved yet"
+    return UserError(f"the loss became {loss} at step {step}; training stopped and nothing was saved for this "
+                     f"step ({kept})",
+                     hint="lower lr, enable gradient clipping (max_norm), or check the data of this step; "
+                          "resume with --resume auto")
+
+
 def resolve_resume(work_dir: Path, resume: str | None) -> Path | None:
     if resume is None:
         return None

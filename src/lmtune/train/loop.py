@@ -97,10 +97,11 @@ class Trainer:
             self.template = get_template(cfg.prompt_template, self.tokenizer)
         self.data_stats = {}
         if self.rows is None:
-            from lmtune.data.dataset import build_dataset
+            from lmtune.data.build import build_training_data
 
-            data = build_dataset(cfg, self.tokenizer, self.template)
-            self.rows, self.data_stats, self.val_rows = data.rows, data.stats, data.val_rows
+            data = build_training_data(cfg, self.tokenizer, self.template)
+            self.rows, self.data_stats = data.rows, data.stats
+            self.val_rows = getattr(data, "val_rows", None)
         if not self.rows:
             raise UserError("the training data is empty after tokenization", where=cfg._source,
                             hint="run `lmtune data check CONFIG` to see what was skipped and why")
@@ -181,6 +182,9 @@ class Trainer:
     def train(self) -> Path | None:
         cfg = self.cfg
         self.log.open()
+        # A record without "loss": where this (possibly resumed) run starts and how far it goes,
+        # so a watcher (the webui) can show progress before the first step is done.
+        self.log.write({"step": self.state.step, "total_steps": self.total_steps})
         if cfg.evaluation_inputs and self.state.step == 0:
             self._probe()
         bar = self._progress()
@@ -189,14 +193,7 @@ class Trainer:
             loss, metrics = self.step()
             step = self.state.step
             if not math.isfinite(loss):
-                prev = ckpt.latest_checkpoint(self.work_dir, quiet=True)
-                kept = f"the last good checkpoint is {prev}" if prev else "no checkpoint had been saved yet"
-                raise UserError(
-                    f"the loss became {loss} at step {step}; training stopped and nothing was saved for this "
-                    f"step ({kept})",
-                    hint="lower lr, enable gradient clipping (max_norm), or check the data of this step; "
-                    "resume with --resume auto",
-                )
+                raise ckpt.diverged(self.work_dir, loss, step)
             elapsed = time.time() - t_start
             tok_s = (self.state.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
             lr = self.scheduler.get_last_lr()[0]
