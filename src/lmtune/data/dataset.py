@@ -85,7 +85,7 @@ def load_conversations(cfg, template: Optional[ChatTemplate] = None, errors: Opt
         factor = _factor(entry, i, where)
         n_errors = len(errors) if errors is not None else 0
         try:
-            convs = read_conversations(path, fmt, errors)
+            convs = read_conversations(path, fmt, errors, entry.get("image_folder") or cfg.image_folder)
         except UserError as e:
             if errors is None:
                 raise
@@ -99,6 +99,9 @@ def load_conversations(cfg, template: Optional[ChatTemplate] = None, errors: Opt
         mixed += used
     out = []
     for conv in mixed:
+        if cfg.objective == "pretrain" and conv.images:
+            raise UserError("objective 'pretrain' trains on plain text and cannot keep images", where=conv.source,
+                            hint="use objective 'sft'; a LLaVA's projector pretraining is vision_stage = 'pretrain'")
         if cfg.objective == "pretrain" and not conv.is_pretrain:
             if template is None:
                 raise UserError("objective 'pretrain' on chat data needs a template to render it")
@@ -115,20 +118,22 @@ def load_conversations(cfg, template: Optional[ChatTemplate] = None, errors: Opt
 # --------------------------------------------------------------------------- encoding
 
 
-_JOB: tuple = ()  # (convs, tokenizer, template, max_length), shared with forked workers
+_JOB: tuple = ()  # (convs, tokenizer, template, max_length, images), shared with forked workers
 
 
 def _encode_range(bounds: tuple[int, int]) -> list[Encoded]:
-    convs, tokenizer, template, max_length = _JOB
-    return encode_many(convs[bounds[0] : bounds[1]], tokenizer, template, max_length)
+    convs, tokenizer, template, max_length, images = _JOB
+    return encode_many(convs[bounds[0] : bounds[1]], tokenizer, template, max_length, images)
 
 
-def encode_all(convs: list, tokenizer, template: ChatTemplate, max_length: int, num_proc: int = 1) -> list[Encoded]:
-    """Encode every conversation: batched through the fast tokenizer, in `num_proc` processes."""
+def encode_all(convs: list, tokenizer, template: ChatTemplate, max_length: int, num_proc: int = 1,
+               images=None) -> list[Encoded]:
+    """Encode every conversation: batched through the fast tokenizer, in `num_proc` processes.
+    `images`: the model's ImageTokens (data/images.py) when it sees images."""
     global _JOB
     ranges = [(i, min(i + _CHUNK, len(convs))) for i in range(0, len(convs), _CHUNK)]
     if num_proc > 1 and len(ranges) > 1 and "fork" in multiprocessing.get_all_start_methods():
-        _JOB = (convs, tokenizer, template, max_length)
+        _JOB = (convs, tokenizer, template, max_length, images)
         os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")  # the workers are the parallelism
         try:
             with multiprocessing.get_context("fork").Pool(min(num_proc, len(ranges))) as pool:
@@ -138,7 +143,7 @@ def encode_all(convs: list, tokenizer, template: ChatTemplate, max_length: int, 
         return [e for part in parts for e in part]
     out = []
     for a, b in ranges:
-        out += encode_many(convs[a:b], tokenizer, template, max_length)
+        out += encode_many(convs[a:b], tokenizer, template, max_length, images)
     return out
 
 
@@ -212,7 +217,14 @@ def _probe(template: ChatTemplate) -> list[str]:
     return out
 
 
-def cache_key(cfg, tokenizer, template: ChatTemplate) -> str:
+def image_tokens_for(cfg, tokenizer):
+    """The model's ImageTokens when it sees images (a vision-language model kind), else None."""
+    from lmtune.models.kinds import model_kind
+
+    return model_kind(cfg).image_tokens(cfg, tokenizer)
+
+
+def cache_key(cfg, tokenizer, template: ChatTemplate, images=None) -> str:
     h = hashlib.sha256()
     settings = {
         "v": CACHE_VERSION, "datasets": cfg.datasets, "data_format": cfg.data_format,
@@ -220,6 +232,7 @@ def cache_key(cfg, tokenizer, template: ChatTemplate) -> str:
         "system": cfg.system, "objective": cfg.objective, "seed": cfg.seed,
         "max_dataset_samples": cfg.max_dataset_samples, "template": template.name,
         "probe": _probe(template), "encoder": _encoder_versions(),
+        "images": images.fingerprint if images is not None else None, "image_folder": cfg.image_folder,
     }
     h.update(json.dumps(settings, sort_keys=True, default=str).encode())
     h.update(_tokenizer_fingerprint(tokenizer).encode())
@@ -241,6 +254,8 @@ def _save(path: Path, data: TrainData) -> None:
         "row_seqs": np.array([len(r.get("seq_lens", [0])) for r in rows], dtype=np.int64),
         "meta": np.frombuffer(json.dumps({"stats": data.stats, "packed": data.packed}).encode(), dtype=np.uint8),
     }
+    if any(r.get("images") for r in rows):  # image references stay references (read when batched)
+        arrays["images"] = np.frombuffer(json.dumps([r.get("images", []) for r in rows]).encode(), dtype=np.uint8)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
     try:
@@ -259,6 +274,7 @@ def _load(path: Path) -> TrainData:
         meta = json.loads(z["meta"].tobytes().decode())
         ids, labels = z["input_ids"].tolist(), z["labels"].tolist()
         row_lens, seq_lens, row_seqs = z["row_lens"].tolist(), z["seq_lens"].tolist(), z["row_seqs"].tolist()
+        images = json.loads(z["images"].tobytes().decode()) if "images" in z.files else None
     rows, a, s = [], 0, 0
     for n, k in zip(row_lens, row_seqs):
         row = {"input_ids": ids[a : a + n], "labels": labels[a : a + n]}
@@ -266,6 +282,8 @@ def _load(path: Path) -> TrainData:
             lens = seq_lens[s : s + k]
             row["position_ids"] = [p for m in lens for p in range(m)]
             row["seq_lens"] = lens
+        if images is not None and images[len(rows)]:
+            row["images"] = images[len(rows)]
         rows.append(row)
         a += n
         s += k
@@ -278,8 +296,9 @@ def _load(path: Path) -> TrainData:
 def build_dataset(cfg, tokenizer, template: ChatTemplate, use_cache: bool = True) -> TrainData:
     """The rows to train on, with statistics (see TrainData). Cached on disk."""
     path = None
+    images = image_tokens_for(cfg, tokenizer)
     if use_cache:
-        path = cache_dir() / f"{cache_key(cfg, tokenizer, template)}.npz"
+        path = cache_dir() / f"{cache_key(cfg, tokenizer, template, images)}.npz"
         if path.is_file():
             try:
                 data = _load(path)
@@ -290,7 +309,7 @@ def build_dataset(cfg, tokenizer, template: ChatTemplate, use_cache: bool = True
                 path.unlink(missing_ok=True)
 
     convs, sources = load_conversations(cfg, template)
-    encoded = encode_all(convs, tokenizer, template, cfg.max_length, cfg.num_proc)
+    encoded = encode_all(convs, tokenizer, template, cfg.max_length, cfg.num_proc, images)
     samples, stats = summarize(convs, encoded)
     stats["sources"] = sources
     if not samples:

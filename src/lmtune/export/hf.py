@@ -49,6 +49,8 @@ def _write_meta(folder: Path, cfg, template) -> None:
         "stop_words": list(template.stop_words) if template is not None else [],
         "base_model": cfg.model if cfg is not None else None,
     }
+    if cfg is not None and cfg.vision_tower:  # a composed LLaVA: what it was composed from
+        meta["llava"] = {"llm": cfg.model, "vision_tower": cfg.vision_tower}
     (folder / META_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=False), encoding="utf-8")
 
 
@@ -75,8 +77,15 @@ def save_trained_model(model, tokenizer, cfg, template, out, state_dict=None, ma
     lmtune.json (template, system prompt, stop words). `out` is replaced only if it is new, empty,
     a previous lmtune HF folder, or `overwrite` is set (check early with `check_hf_out`)."""
     out = Path(out)
+    processor = None
+    if cfg is not None and _sees_images(cfg):
+        from lmtune.export.vision import full_precision_merge, processor_for
+
+        processor = processor_for(cfg, tokenizer, template)
+        if cfg.vision_tower:  # a composed LLaVA is always written whole (LoRA merged in)
+            model = full_precision_merge(model, cfg)
     is_peft = hasattr(model, "peft_config")
-    if hasattr(template, "jinja"):
+    if hasattr(template, "jinja") and processor is None:
         # A named template: save it as the tokenizer's chat template, so the exported folder
         # renders conversations exactly as in training wherever it is loaded.
         tokenizer.chat_template = template.jinja()
@@ -100,11 +109,19 @@ def save_trained_model(model, tokenizer, cfg, template, out, state_dict=None, ma
                 target = model.to(dtype)
             target.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size,
                                    state_dict=state_dict)
-        save_tokenizer(tokenizer, tmp)
+        if processor is not None:
+            processor.save_pretrained(tmp)  # image processor, processor config, chat template, tokenizer
+        save_tokenizer(tokenizer, tmp)  # (again) in the form transformers 4.x and 5.x both read
         if gen is not None:
             gen.save_pretrained(tmp)
         _write_meta(tmp, cfg, template)
     return out
+
+
+def _sees_images(cfg) -> bool:
+    from lmtune.models.kinds import model_kind
+
+    return model_kind(cfg).name == "vision_language"
 
 
 # --------------------------------------------------------------------------- pth_to_hf

@@ -1,9 +1,12 @@
 """Model kinds: how a kind of model is loaded, where LoRA goes and how a flat batch is fed to it.
 
-    causal_lm   a decoder-only language model (AutoModelForCausalLM, InternLM2 via our mapping)
+    causal_lm         a decoder-only language model (AutoModelForCausalLM, InternLM2 via our mapping)
+    vision_language   a LLaVA composed from a causal LM + a vision tower, or an existing
+                      vision-language model (models/vision.py)
 
-A new kind (e.g. a vision-language model) is a new class with the same four methods, returned by
-`model_kind(cfg)`; the loop, the objectives and the strategies stay as they are.
+A new kind is a new class with the same methods, returned by `model_kind(cfg)`; the loop, the
+objectives and the strategies stay as they are. Kinds that see images also say how an image
+becomes tokens (`image_tokens`) and tensors (`vision_inputs`); a causal LM sees none.
 """
 
 from __future__ import annotations
@@ -49,8 +52,20 @@ class CausalLM:
         """forward() keyword arguments of a flat batch (one row, restarting position ids)."""
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
 
+    def image_tokens(self, cfg, tokenizer):
+        return None  # sees no images
 
-def model_kind(cfg) -> CausalLM:
+    def vision_inputs(self, rows: list[dict], batch: dict) -> dict:
+        return {}
+
+
+def model_kind(cfg):
+    """The kind of `cfg.model`: vision-language when a vision tower is composed with it or its
+    config is an image-text-to-text model, else a causal LM."""
+    from lmtune.models import vision
+
+    if cfg.vision_tower or vision.is_vision_language(vision.read_model_config(cfg.model)):
+        return vision.VisionLanguage(cfg)
     return CausalLM()
 
 

@@ -15,7 +15,8 @@ from lmtune.train.objectives.next_token import NextToken, loss_sum
 __all__ = ["Forward", "Objective", "NextToken", "flat_batch", "loss_sum", "make_objective"]
 
 
-def make_objective(cfg) -> Objective:
+def make_objective(cfg, kind=None) -> Objective:
+    """The config's objective; `kind` (the model kind) adds what its batches need (images)."""
     if cfg.objective in ("sft", "pretrain"):
-        return NextToken(cfg.objective)
+        return NextToken(cfg.objective, extra_inputs=getattr(kind, "vision_inputs", None))
     raise ValueError(f"unknown objective {cfg.objective!r}")  # the config schema already refused it
