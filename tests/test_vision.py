@@ -6,13 +6,12 @@ Tiny random parts (a 2-layer Llama with the embedded tokenizer, a 2-layer CLIP o
 
 from __future__ import annotations
 
-from pathlib import Path
 
 import pytest
 import torch
-from PIL import Image, ImageDraw
+from PIL import Image
 
-from conftest import make_tiny_llama
+from conftest import make_tiny_llama, make_tiny_tower, shape_image
 
 from lmtune.config import validate
 from lmtune.data.conversation import Conversation, Message
@@ -20,31 +19,6 @@ from lmtune.data.templates import get_template
 from lmtune.data.tokenize import IGNORE_INDEX, encode_many, pack
 from lmtune.models.kinds import model_kind
 from lmtune.train.objectives import Forward, make_objective
-
-
-def make_tiny_tower(out: Path, kind: str = "clip", seed: int = 0) -> Path:
-    """A random CLIP (or SigLIP) vision tower on 30-pixel images (patch 6: 25 patches) + its image processor."""
-    from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, SiglipImageProcessor,
-                              SiglipVisionConfig, SiglipVisionModel)
-
-    torch.manual_seed(seed)
-    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=30,
-                 patch_size=6)
-    if kind == "clip":
-        CLIPVisionModel(CLIPVisionConfig(**sizes)).save_pretrained(out)
-        CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}).save_pretrained(out)
-    else:
-        SiglipVisionModel(SiglipVisionConfig(**sizes)).save_pretrained(out)
-        SiglipImageProcessor(size={"height": 30, "width": 30}).save_pretrained(out)
-    return out
-
-
-def shape_image(path: Path, colour: str, size=(40, 36), shape: str = "square") -> str:
-    img = Image.new("RGB", size, "white")
-    draw = ImageDraw.Draw(img)
-    (draw.rectangle if shape == "square" else draw.ellipse)([5, 5, 22, 22], fill=colour)
-    img.save(path)
-    return str(path)
 
 
 @pytest.fixture(scope="module")

@@ -131,10 +131,34 @@ def replace_in_file(input, output, old: str, new: str, overwrite: bool = False) 
 
 def _load(cfg):
     from lmtune.data.templates import get_template
-    from lmtune.models.loader import load_tokenizer
+    from lmtune.models.kinds import model_kind
 
-    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = model_kind(cfg).load_tokenizer(cfg)  # a vision-language model's has its image token
     return tokenizer, get_template(cfg.prompt_template, tokenizer)
+
+
+def check_images(convs: list, errors: list) -> list:
+    """The conversations whose images all decode; every bad image becomes an error naming the
+    record (file:line). Each image is decoded once, however often it is used."""
+    from lmtune.data.images import check_image
+
+    seen: dict[str, str | None] = {}
+    good = []
+    for conv in convs:
+        bad = None
+        for ref in conv.images:
+            if ref not in seen:
+                seen[ref] = check_image(ref)
+            if seen[ref] is not None:
+                name = f"{ref[:40]}…" if ref.startswith("data:") else ref
+                bad = UserError(f"image '{name}' cannot be read: {seen[ref]}", where=conv.source or None,
+                                hint="replace the file, or remove the record")
+                break
+        if bad is None:
+            good.append(conv)
+        elif str(bad) not in {str(e) for e in errors[-20:]}:  # a repeated source reports once
+            errors.append(bad)
+    return good
 
 
 def histogram(lengths: list[int], max_length: int, buckets: int = 8, width: int = 40) -> str:
@@ -159,10 +183,26 @@ def check_command(cfg) -> int:
     from lmtune.data.dataset import encode_all, load_conversations, summarize
     from lmtune.data.tokenize import pack
 
+    from lmtune.data.dataset import image_tokens_for
+
     tokenizer, template = _load(cfg)
     errors: list[UserError] = []
     convs, sources = load_conversations(cfg, template, errors)
-    encoded = encode_all(convs, tokenizer, template, cfg.max_length, cfg.num_proc)
+    images = image_tokens_for(cfg, tokenizer)
+    convs = check_images(convs, errors)
+    n_images = len({ref for c in convs for ref in c.images})
+    try:
+        encoded = encode_all(convs, tokenizer, template, cfg.max_length, cfg.num_proc, images)
+    except UserError:  # again one by one: report every bad record, check the rest
+        encoded = []
+        for conv in convs:
+            try:
+                encoded += encode_all([conv], tokenizer, template, cfg.max_length, 1, images)
+            except UserError as e:
+                errors.append(e)
+                encoded.append(None)
+        convs = [c for c, e in zip(convs, encoded) if e is not None]
+        encoded = [e for e in encoded if e is not None]
     samples, stats = summarize(convs, encoded)
 
     print(f"template: {template.name}   stop words: {', '.join(template.stop_words)}   max_length: {cfg.max_length}")
@@ -184,6 +224,10 @@ def check_command(cfg) -> int:
     print(f"truncated: {stats['truncated']} (a trained turn or part of one was cut to fit max_length)")
     share = stats["loss_tokens"] / stats["tokens"] if stats["tokens"] else 0.0
     print(f"tokens: {stats['tokens']}, carrying loss: {stats['loss_tokens']} ({share:.1%})")
+    if n_images:
+        image_tokens = sum(1 for s in samples for t in s["input_ids"] if t == images.image_token_id)
+        print(f"images: {n_images} distinct, {sum(len(s.get('images', ())) for s in samples)} in samples; "
+              f"{image_tokens} image tokens (counted in the lengths below)")
     if samples and cfg.pack_to_max_length:
         rows = pack(samples, cfg.max_length, cfg.shuffle_before_pack, cfg.seed)
         fill = stats["tokens"] / (len(rows) * cfg.max_length)
@@ -208,13 +252,16 @@ def show_command(cfg, mode: str = "masked_text", n: int = 2) -> int:
 
     if mode not in ("text", "masked_text", "input_ids", "labels"):
         raise UserError(f"unknown --show mode '{mode}'", hint="use text, masked_text, input_ids or labels")
+    from lmtune.data.dataset import image_tokens_for
+
     tokenizer, template = _load(cfg)
     convs, _ = load_conversations(cfg, template)
+    images = image_tokens_for(cfg, tokenizer)
     shown = 0
     for conv in convs:
         if shown >= n:
             break
-        enc = encode_conversation(conv, tokenizer, template, cfg.max_length)
+        enc = encode_conversation(conv, tokenizer, template, cfg.max_length, images)
         if enc.skipped:
             print(f"=== {conv.source}: skipped ({enc.skipped})")
             continue
@@ -230,9 +277,16 @@ def show_command(cfg, mode: str = "masked_text", n: int = 2) -> int:
             elif mode == "labels":
                 print(labels)
             else:
-                print(masked_text(ids, labels, tokenizer))
+                print(_runs_of_images(masked_text(ids, labels, tokenizer)))
             shown += 1
     return 0
+
+
+def _runs_of_images(text: str) -> str:
+    """"<image><image>…" (one token per image feature) shown as "<image>×576"."""
+    import re
+
+    return re.sub(r"(?:<image>){2,}", lambda m: f"<image>×{len(m.group(0)) // len('<image>')}", text)
 
 
 def masked_text(ids: list[int], labels: list[int], tokenizer) -> str:
