@@ -6,6 +6,7 @@ place when complete, and never over a folder lmtune did not write unless `overwr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -14,6 +15,7 @@ from lmtune.atomic import HF_MARKER, atomic_dir, check_not_input, check_out_dir
 from lmtune.errors import UserError
 
 META_FILE = HF_MARKER  # lmtune.json: template, system prompt, stop words; marks the folder as lmtune's
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "chat_template.jinja", "chat_template.json")
 
 
 def check_hf_out(out, overwrite: bool = False) -> str:
@@ -148,15 +150,23 @@ def pth_to_hf(config: str | None, checkpoint: str, out: str, fp32: bool = False,
         raise UserError(f"checkpoint '{checkpoint}' is incomplete: {problem}")
     check_not_input(out, checkpoint=ck, config=config)
     check_hf_out(out, overwrite)  # before the slow loading
-    cfg = load_config(config if config else str(ck / "config.py"))
-    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    template = get_template(cfg.prompt_template, tokenizer)
-    model = load_model(cfg.model, dtype="float32" if fp32 else "auto", trust_remote_code=cfg.trust_remote_code,
-                       allow_pickle=cfg.allow_pickle)
-    if cfg.method == "lora":
-        from lmtune.models.kinds import model_kind
+    from lmtune.models.kinds import model_kind
 
-        model = model_kind(cfg).add_lora(model, cfg)
+    cfg = load_config(config if config else str(ck / "config.py"))
+    kind = model_kind(cfg)
+    if kind.name == "vision_language":
+        # Composed (LLM + tower + projector) or an existing VLM, unquantized: a QLoRA checkpoint's
+        # adapters go onto the full-precision model (a composed one is then written merged).
+        cfg = dataclasses.replace(cfg, quantization="none")
+        tokenizer = kind.load_tokenizer(cfg)
+        model = kind.load(cfg, torch.device("cpu"), dtype="float32" if fp32 else "auto")
+    else:
+        tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        model = load_model(cfg.model, dtype="float32" if fp32 else "auto", trust_remote_code=cfg.trust_remote_code,
+                           allow_pickle=cfg.allow_pickle)
+    template = get_template(cfg.prompt_template, tokenizer)
+    if cfg.method == "lora":
+        model = kind.add_lora(model, cfg)
     params = dict(model.named_parameters())
     if is_sharded_checkpoint(ck):  # written in parts by FSDP2 / DeepSpeed: put them together
 
@@ -272,6 +282,10 @@ def merge(base: str, adapter: str, out: str, max_shard_size: str = "2GB", save_f
         gen_src = adapter_dir / "generation_config.json"
         if gen_src.is_file():
             shutil.copyfile(gen_src, tmp / "generation_config.json")
+        for name in PROCESSOR_FILES:  # a vision-language model's processor: the adapter's, else the base's
+            src = next((d / name for d in (adapter_dir, Path(resolve_model_path(base))) if (d / name).is_file()), None)
+            if src is not None and not (tmp / name).exists():
+                shutil.copyfile(src, tmp / name)
         if meta.is_file():
             shutil.copyfile(meta, tmp / META_FILE)
     print(f"[lmtune] merged model written to {out}")

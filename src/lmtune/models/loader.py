@@ -153,6 +153,13 @@ def _read_config(folder: str) -> dict | None:
     return None
 
 
+def is_vision_language(config: dict | None) -> bool:
+    """Whether a model config (config.json as a dict) is an image-text-to-text model."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return bool(config) and config.get("model_type") in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -222,8 +229,9 @@ def load_model(
     adapter: str | None = None,
     adapter_trainable: bool = False,
 ):
-    """Load a causal LM (optionally quantized, optionally with a LoRA adapter on top)."""
-    from transformers import AutoModelForCausalLM
+    """Load a causal LM or a vision-language model (AutoModelForImageTextToText), optionally
+    quantized, optionally with a LoRA adapter on top."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
 
     path = resolve_model_path(name_or_path)
     # A folder holding only an adapter: load its base, then the adapter.
@@ -254,8 +262,11 @@ def load_model(
         model = load_internlm2(il_dir, dtype=dt, device_map=kwargs.get("device_map"), quantization_config=qconfig,
                                allow_pickle=allow_pickle, attn_implementation=kwargs.get("attn_implementation"))
     else:
+        auto = AutoModelForCausalLM
+        if is_vision_language(_read_config(path) if Path(path).is_dir() else _hub_config(path, trust_remote_code)):
+            auto = AutoModelForImageTextToText
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            model = auto.from_pretrained(path, **kwargs)
         except ValueError as e:
             if "trust_remote_code" in str(e):
                 raise UserError(
@@ -270,6 +281,15 @@ def load_model(
 
         model = PeftModel.from_pretrained(model, adapter, is_trainable=adapter_trainable)
     return model
+
+
+def _hub_config(hub_id: str, trust_remote_code: bool) -> dict | None:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(hub_id, trust_remote_code=trust_remote_code).to_dict()
+    except Exception:  # unknown id / no network: from_pretrained below says so properly
+        return None
 
 
 def _check_weights_present(folder: Path, allow_pickle: bool) -> None:

@@ -77,9 +77,9 @@ def read_model_config(name_or_path: str) -> dict | None:
 
 
 def is_vision_language(config: dict | None) -> bool:
-    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    from lmtune.models.loader import is_vision_language as check
 
-    return bool(config) and config.get("model_type") in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+    return check(config)
 
 
 def family(model) -> str:
