@@ -189,7 +189,13 @@ def torch_dtype(name: str, device: str = "cpu"):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def quantization_config(kind: str, compute_dtype=None):
+# A vision-language model's tower and projector stay unquantized (QLoRA quantizes only the LLM, as
+# XTuner and LLaMA-Factory do): names bitsandbytes skips.
+VISION_SKIP_MODULES = ["lm_head", "vision_tower", "multi_modal_projector", "image_newline", "visual", "vision_model",
+                       "connector"]
+
+
+def quantization_config(kind: str, compute_dtype=None, skip_modules: list | None = None):
     """A bitsandbytes config for "nf4" (QLoRA) or "int8"; None for "none"."""
     if kind in (None, "none"):
         return None
@@ -204,6 +210,7 @@ def quantization_config(kind: str, compute_dtype=None):
     from transformers import BitsAndBytesConfig
 
     compute_dtype = compute_dtype or torch.bfloat16
+    skip = {"llm_int8_skip_modules": skip_modules} if skip_modules else {}
     if kind == "nf4":
         return BitsAndBytesConfig(
             load_in_4bit=True,
@@ -211,9 +218,10 @@ def quantization_config(kind: str, compute_dtype=None):
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
             bnb_4bit_quant_storage=compute_dtype,
+            **skip,
         )
     if kind == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, **skip)
     raise UserError(f"unknown quantization '{kind}'", hint="use 'none', 'nf4' or 'int8'")
 
 
@@ -245,7 +253,10 @@ def load_model(
     if Path(path).is_dir():
         _check_weights_present(Path(path), allow_pickle)
     dt = torch_dtype(dtype)
-    qconfig = quantization_config(quantization, compute_dtype=None if dt == "auto" else dt)
+    config = _read_config(path) if Path(path).is_dir() else _hub_config(path, trust_remote_code)
+    vision = is_vision_language(config)
+    qconfig = quantization_config(quantization, compute_dtype=None if dt == "auto" else dt,
+                                  skip_modules=VISION_SKIP_MODULES if vision else None)
     kwargs = dict(dtype=dt, trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
@@ -262,9 +273,7 @@ def load_model(
         model = load_internlm2(il_dir, dtype=dt, device_map=kwargs.get("device_map"), quantization_config=qconfig,
                                allow_pickle=allow_pickle, attn_implementation=kwargs.get("attn_implementation"))
     else:
-        auto = AutoModelForCausalLM
-        if is_vision_language(_read_config(path) if Path(path).is_dir() else _hub_config(path, trust_remote_code)):
-            auto = AutoModelForImageTextToText
+        auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
         try:
             model = auto.from_pretrained(path, **kwargs)
         except ValueError as e:

@@ -146,8 +146,11 @@ def image_feature_count(tower_cfg, strategy: str) -> int:
 def add_image_token(tokenizer) -> int:
     """The `<image>` token's id, added as a special token when the tokenizer lacks it."""
     if IMAGE_PLACEHOLDER not in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_PLACEHOLDER]},
-                                     replace_extra_special_tokens=False)
+        try:  # keep the tokenizer's other special tokens special
+            tokenizer.add_special_tokens({"additional_special_tokens": [IMAGE_PLACEHOLDER]},
+                                         replace_extra_special_tokens=False)
+        except TypeError:  # older transformers: an added token, special all the same
+            tokenizer.add_tokens([IMAGE_PLACEHOLDER], special_tokens=True)
     return tokenizer.convert_tokens_to_ids(IMAGE_PLACEHOLDER)
 
 

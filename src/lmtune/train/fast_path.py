@@ -109,8 +109,18 @@ def choose_loss(cfg, device: torch.device, model) -> tuple[str, str]:
     return "chunked", "fused linear + cross-entropy in chunks: the (tokens x vocab) logits never exist"
 
 
+def _language_model(model):
+    """The part liger patches: a vision-language model's language model, else the model itself."""
+    config = getattr(model, "config", None)
+    inner = getattr(model, "model", None)
+    for name in ("language_model", "text_model"):
+        if getattr(config, "text_config", None) is not None and hasattr(inner, name):
+            return getattr(inner, name), config.text_config.model_type
+    return model, getattr(config, "model_type", None)
+
+
 def choose_kernels(cfg, device: torch.device, model) -> tuple[str, str]:
-    mt = getattr(getattr(model, "config", None), "model_type", None)
+    mt = _language_model(model)[1]
     if cfg.use_liger_kernel == "off":
         return "none", "set in the config"
     reason = None
@@ -157,9 +167,10 @@ def setup_base_model(model, cfg, device: torch.device, amp_dtype) -> FastPath:
 
         # liger's public entry point; it swaps these layers' forward for Triton kernels (and, for
         # RoPE, the modelling module's function), leaving weights and state-dict names unchanged.
-        MODEL_TYPE_TO_APPLY_LIGER_FN[model.config.model_type](
+        target, mt = _language_model(model)
+        MODEL_TYPE_TO_APPLY_LIGER_FN[mt](
             rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False,
-            model=model)
+            model=target)
 
     quantized = cfg.quantization != "none"
     if quantized:
