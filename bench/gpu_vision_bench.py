@@ -136,6 +136,8 @@ def run_lmtune(args):
         device="cuda" if torch.cuda.is_available() else "cpu", save_steps=100000))
     trainer = Trainer(cfg, work / "lmtune_work")
     trainer.setup()
+    q4 = [n for n, m in trainer.model.named_modules() if type(m).__name__ == "Linear4bit"]
+    log(f"lmtune: {len(q4)} 4-bit linear layers, {sum('language_model' not in n for n in q4)} outside the LLM")
     return time_steps(lambda: trainer.step(), lambda: trainer._step_tokens, args.steps)
 
 
@@ -177,7 +179,7 @@ def run_hf(args):
     tok = processor.tokenizer
     bnb = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                              bnb_4bit_compute_dtype=torch.bfloat16,
-                             llm_int8_skip_modules=["vision_tower", "multi_modal_projector", "lm_head"])
+                             llm_int8_skip_modules=["model.vision_tower", "model.multi_modal_projector", "lm_head"])
     cuda = torch.cuda.is_available()
     model = LlavaForConditionalGeneration.from_pretrained(
         folder, quantization_config=bnb if cuda else None, dtype=torch.bfloat16,

@@ -191,8 +191,9 @@ def torch_dtype(name: str, device: str = "cpu"):
 
 # A vision-language model's tower and projector stay unquantized (QLoRA quantizes only the LLM, as
 # XTuner and LLaMA-Factory do): names bitsandbytes skips.
-VISION_SKIP_MODULES = ["lm_head", "vision_tower", "multi_modal_projector", "image_newline", "visual", "vision_model",
-                       "connector"]
+# transformers matches these from the start of a module's full name (or as its suffix).
+VISION_SKIP_MODULES = ["lm_head", "model.vision_tower", "model.multi_modal_projector", "model.image_newline",
+                       "model.visual", "model.vision_model", "model.connector"]
 
 
 def quantization_config(kind: str, compute_dtype=None, skip_modules: list | None = None):

@@ -409,7 +409,11 @@ class VisionLanguage:
     def freeze(self, model, cfg) -> None:
         fam = family(model)
         for name, p in model.named_parameters():
-            p.requires_grad_(self.trains(cfg, part_of(name, fam)) == "full" and p.dtype.is_floating_point)
+            full = self.trains(cfg, part_of(name, fam)) == "full"
+            if full and (hasattr(p, "quant_state") or not p.dtype.is_floating_point):
+                raise UserError(f"'{name}' is quantized, so its part cannot be trained whole",
+                                hint="train it by LoRA, or leave it frozen")
+            p.requires_grad_(full)
 
     def lora_targets(self, cfg, model):
         """A regex over full module names: the Linear layers of every part that trains by LoRA (the
