@@ -63,6 +63,8 @@ class Config:
     vision_stage: Literal["finetune", "pretrain"] = "finetune"  # pretrain: only the projector trains
     train_llm: bool = True  # finetune stage: the LLM trains by `method` (LoRA/QLoRA/full); False: frozen
     train_vision_tower: Literal["frozen", "lora", "full"] = "frozen"
+    vision_lora_r: int = 0  # LoRA rank on the tower (0: lora_r); XTuner's LLaVA uses 64 there, 512 on the LLM
+    vision_lora_alpha: int = 0  # (0: lora_alpha)
     train_projector: Literal["auto", "frozen", "lora", "full"] = "auto"  # auto: full when composed, else frozen
     vision_feature_layer: int = -2  # which tower layer feeds the projector (LLaVA-1.5: the second to last)
     vision_select_strategy: Literal["auto", "default", "full"] = "auto"  # default drops CLIP's CLS feature
@@ -131,6 +133,8 @@ RANGES = {
     "max_length": (8, None),
     "lora_r": (1, None),
     "lora_alpha": (1, None),
+    "vision_lora_r": (0, None),
+    "vision_lora_alpha": (0, None),
     "lora_dropout": (0.0, 1.0),
     "num_proc": (1, 256),
     "lr": (0.0, 1.0),

@@ -19,10 +19,10 @@ pack_to_max_length = True
 #                     PART 2  Model & Tokenizer                       #
 #######################################################################
 method = "lora"
-lora_r = 16
-lora_alpha = 32
+lora_r = 8
+lora_alpha = 16
 lora_dropout = 0.0
-lora_target_modules = "all-linear"
+lora_target_modules = ["q_proj", "k_proj", "v_proj", "o_proj"]  # attention only: cheap on a CPU
 vision_stage = "finetune"
 train_vision_tower = "full"  # random at the start: it has to learn to see
 train_projector = "full"

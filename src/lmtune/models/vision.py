@@ -448,8 +448,13 @@ class VisionLanguage:
                 raise UserError("nothing would train: every part of the model is frozen",
                                 hint="set train_llm, train_vision_tower or train_projector")
             return model
+        # The tower may take its own rank (peft's per-module patterns, matched on full names).
+        tower = {re.escape(p) + r"\..*": None for p in (PARTS.get(fam) or _guess_parts(fam))["tower"]}
+        ranks = {k: cfg.vision_lora_r for k in tower} if cfg.vision_lora_r else {}
+        alphas = {k: cfg.vision_lora_alpha for k in tower} if cfg.vision_lora_alpha else {}
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
-                          target_modules=targets, modules_to_save=full or None, bias="none")
+                          target_modules=targets, modules_to_save=full or None, bias="none",
+                          rank_pattern=ranks, alpha_pattern=alphas)
         return get_peft_model(model, lora)
 
     # ---- batches
