@@ -288,6 +288,13 @@ def test_dict_messages_accepted(smol_tokenizer):
     assert tpl.render(dicts) == "<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\nYo<|im_end|>\n"
 
 
+def test_xtuner_template_names_are_accepted(backend):
+    tok = published(backend, "Qwen2.5-Instruct")
+    assert get_template("qwen_chat", tok).render(CONVS[1]) == get_template("chatml", tok).render(CONVS[1])
+    for xtuner_name in ("llama3_chat", "internlm2_chat", "llama2_chat", "mistral", "mixtral", "gemma", "phi3_chat"):
+        assert get_template(xtuner_name, tok).render(CONVS[0])
+
+
 def test_unknown_template_lists_valid_names():
     with pytest.raises(UserError) as info:
         get_template("chatm1")
@@ -311,6 +318,8 @@ def test_named_template_as_jinja_renders_the_same_through_the_tokenizer(name, sm
         [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}],
         [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "line1\nline2"},
          {"role": "assistant", "content": 'a "quoted" reply'}, {"role": "user", "content": "你好"}],
+        [{"role": "system", "content": " padded \n"}, {"role": "user", "content": "  q "},
+         {"role": "assistant", "content": " a\n"}],
     ]
     for conv in conversations:
         for gen in (False, True):

@@ -273,3 +273,143 @@ def test_forced_liger_without_gpu_is_a_clear_error(tmp_path, tiny_model_dir):
     with pytest.raises(UserError) as e:
         fast_path.setup_base_model(model, cfg, torch.device("cpu"), None)
     assert "use_liger_kernel" in str(e.value) and "CPU" in str(e.value)
+
+
+# ----------------------------------------------------------------------------- issue 16: fused LoRA, micro-batches by tokens
+
+
+def _peft_pair(quant="none", dropout=0.0, bias=True, dtype=torch.float64):
+    """The same two-layer model with peft's LoRA layers and with lmtune's fused ones, equal weights."""
+    import copy
+
+    from peft import LoraConfig, get_peft_model
+
+    from lmtune.models.lora_fused import fused_modules
+
+    torch.manual_seed(0)
+    base = torch.nn.Sequential(torch.nn.Linear(24, 40, bias=bias), torch.nn.Tanh(), torch.nn.Linear(40, 24, bias=False))
+    base = base.to(dtype)
+    models = []
+    for fused in (False, True):
+        cfg = LoraConfig(r=4, lora_alpha=12, lora_dropout=dropout, target_modules=["0", "2"])
+        if fused:
+            cfg._register_custom_module(fused_modules(quant))
+        models.append(get_peft_model(copy.deepcopy(base), cfg))
+    g = torch.Generator().manual_seed(1)
+    for name, p in models[0].named_parameters():  # B = 0 at init would hide errors in the B path
+        if "lora" in name:
+            p.data = torch.randn(p.shape, generator=g, dtype=p.dtype)
+    models[1].load_state_dict(models[0].state_dict())
+    return models
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_fused_lora_layer_equals_peft_fwd_bwd_float64(dropout):
+    """Output, input gradient and LoRA gradients of the fused layer equal peft's (float64; with
+    dropout the same mask is drawn in both from the same seed)."""
+    plain, fused = _peft_pair(dropout=dropout)
+    assert type(fused.base_model.model[0]).__name__ == "FusedLoraLinear"
+    outs = []
+    for m in (plain, fused):
+        m.train()
+        x = torch.randn(3, 7, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(2), requires_grad=True)
+        torch.manual_seed(9)
+        y = m(x)
+        (y * torch.linspace(-1, 1, 24, dtype=torch.float64)).sum().backward()
+        outs.append((y.detach(), x.grad, {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
+    (y0, gx0, g0), (y1, gx1, g1) = outs
+    assert _rel(y1, y0) < 1e-12 and _rel(gx1, gx0) < 1e-12
+    assert set(g0) == set(g1) and all(_rel(g1[k], g0[k]) < 1e-12 for k in g0)
+
+
+def test_fused_lora_bf16_autocast_keeps_fp32_adapter_grads_and_falls_back_when_merged():
+    plain, fused = _peft_pair(dtype=torch.float32)
+    x = torch.randn(5, 24, generator=torch.Generator().manual_seed(3))
+    res = []
+    for m in (plain, fused):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x)
+        y.float().sum().backward()
+        res.append((y.float(), {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
+    assert res[1][0].dtype == torch.float32
+    assert _rel(res[1][0], res[0][0]) < 2e-2
+    assert all(g.dtype == torch.float32 and _rel(g, res[0][1][k]) < 3e-2 for k, g in res[1][1].items())
+    # Merged or disabled adapters take peft's own forward: the same output as peft's.
+    with torch.no_grad():
+        for m in (plain, fused):
+            m.merge_adapter()
+        assert _rel(fused(x), plain(x)) < 1e-6
+        for m in (plain, fused):
+            m.unmerge_adapter()
+        with fused.disable_adapter(), plain.disable_adapter():
+            assert _rel(fused(x), plain(x)) < 1e-6
+
+
+def test_fused_lora_on_nf4_base_equals_peft():
+    """QLoRA: the fused layer on a bitsandbytes NF4 base gives peft's output and gradients."""
+    bnb = pytest.importorskip("bitsandbytes")  # an optional extra; on CPU its NF4 layers run
+
+    from peft import LoraConfig, get_peft_model
+
+    from lmtune.models.lora_fused import fused_modules
+
+    torch.manual_seed(0)
+    w = torch.randn(64, 32, dtype=torch.bfloat16)
+    models = []
+    for fused in (False, True):
+        m = torch.nn.Sequential(bnb.nn.Linear4bit(32, 64, bias=False, compute_dtype=torch.bfloat16, quant_type="nf4",
+                                                  quant_storage=torch.bfloat16))
+        m[0].weight = bnb.nn.Params4bit(w.clone(), requires_grad=False, quant_type="nf4",
+                                        quant_storage=torch.bfloat16)._quantize("cpu")
+        cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["0"], init_lora_weights=False)
+        if fused:
+            cfg._register_custom_module(fused_modules("nf4"))
+        models.append(get_peft_model(m, cfg))
+    models[1].load_state_dict({k: v for k, v in models[0].state_dict().items() if "lora" in k}, strict=False)
+    assert type(models[1].base_model.model[0]).__name__ == "FusedLoraLinear4bit"
+    res = []
+    for m in models:
+        x = torch.randn(6, 32, dtype=torch.bfloat16, generator=torch.Generator().manual_seed(4), requires_grad=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y = m(x)
+        (y.float() * torch.linspace(-1, 1, 64)).sum().backward()
+        res.append((y.float(), x.grad.float(), {n: p.grad for n, p in m.named_parameters() if p.requires_grad}))
+    assert _rel(res[1][0], res[0][0]) < 1e-2 and _rel(res[1][1], res[0][1]) < 1e-2
+    assert all(_rel(g, res[0][2][k]) < 1e-2 for k, g in res[1][2].items())
+
+
+def test_micro_batches_by_tokens_keep_the_rows_of_the_step():
+    from lmtune.train.batch import micro_batches
+
+    rows = [{"input_ids": [0] * n} for n in (50, 10, 70, 30, 90, 20, 40, 60)]
+    plain = micro_batches(rows, 2, 2, world=2, rank=1)
+    assert plain == [rows[2:4], rows[6:8]]  # rank 1's rows, batch_size at a time
+    groups = micro_batches(rows, 2, 2, world=2, rank=1, batch_tokens=100)
+    assert sorted(len(r["input_ids"]) for g in groups for r in g) == [30, 40, 60, 70]  # the same rows
+    assert all(sum(len(r["input_ids"]) for r in g) <= 100 for g in groups) and len(groups) == 2
+    alone = micro_batches(rows, 4, 2, world=1, rank=0, batch_tokens=60)  # longer rows go alone
+    assert [[len(r["input_ids"]) for r in g] for g in alone] == [[90], [70], [60], [50, 10], [40, 20], [30]]
+
+
+def test_batch_tokens_refused_where_processes_must_match(tmp_path, tiny_model_dir):
+    with pytest.raises(UserError) as e:
+        _cfg(tmp_path, tiny_model_dir, batch_tokens=4096, strategy="fsdp2")
+    assert "batch_tokens" in str(e.value) and "fsdp2" in str(e.value)
+    with pytest.raises(UserError):
+        _cfg(tmp_path, tiny_model_dir, gradient_checkpointing="sometimes")
+    assert _cfg(tmp_path, tiny_model_dir, batch_tokens="auto").gradient_checkpointing == "auto"
+
+
+def test_trainer_fused_lora_and_token_micro_batches_give_the_same_losses(tmp_path, tiny_model_dir):
+    """LoRA with peft's layers and batch_size-row micro-batches, against the fused layers with
+    micro-batches regrouped by a token budget: the same loss curve (fp32 on the CPU)."""
+    from lmtune.train.loop import run_training
+
+    common = dict(method="lora", lora_r=4, lora_alpha=8, lr=1e-2, accumulative_counts=2, batch_size=2,
+                  pack_to_max_length=False)
+    ref = _cfg(tmp_path, tiny_model_dir, lora_impl="peft", **common)
+    new = _cfg(tmp_path, tiny_model_dir, lora_impl="fused", batch_tokens=40, **common)
+    run_training(ref, tmp_path / "ref")
+    run_training(new, tmp_path / "new")
+    a, b = _losses(tmp_path / "ref"), _losses(tmp_path / "new")
+    assert a == pytest.approx(b, rel=1e-4) and a[-1] < a[0]

@@ -55,7 +55,9 @@ class Config:
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
     allow_pickle: bool = False  # load .bin (pickle) weights; off: safetensors only
-    gradient_checkpointing: bool = False
+    # "auto": on a GPU, checkpoint only as many layers as the memory estimate needs (none when the
+    # activations fit: the fastest); on the CPU off. True: every layer; False: none.
+    gradient_checkpointing: Union[bool, Literal["auto"]] = "auto"
 
     # ---- vision (docs/vision.md): a LLaVA composed from `model` + a vision tower, or a vision-language model
     vision_tower: Optional[str] = None  # a CLIP or SigLIP folder / hub id: compose a LLaVA with `model` as its LLM
@@ -89,6 +91,10 @@ class Config:
     max_steps: int = 0  # > 0 overrides max_epochs
     batch_size: int = 1  # per device, in rows (a packed row holds several samples)
     accumulative_counts: int = 16
+    # Micro-batches of at most this many tokens instead of `batch_size` rows each (a step still takes
+    # batch_size x accumulative_counts rows, so the result is the same); "auto": the most the GPU's
+    # free memory holds (single GPU and DDP; elsewhere batch_size rows). None: `batch_size` rows.
+    batch_tokens: Union[int, Literal["auto"], None] = None
 
     # ---- PART 5: runtime --------------------------------------------------------------
     seed: int = 42
@@ -106,8 +112,11 @@ class Config:
     attn_implementation: str = "auto"
     loss_impl: Literal["auto", "plain", "chunked"] = "auto"
     use_liger_kernel: Literal["auto", "on", "off"] = "auto"
+    lora_impl: Literal["auto", "fused", "peft"] = "auto"  # fused: the adapter inside the base matmul's node
     compile: bool = False
-    cpu_offload: bool = False
+    # True: checkpointed layer inputs wait in pinned CPU memory (FSDP2: parameters too); "auto": only
+    # when the memory estimate says checkpointing alone does not fit (single GPU).
+    cpu_offload: Union[bool, Literal["auto"]] = "auto"
 
     # Where the config came from (not a user key).
     _source: Optional[str] = field(default=None, repr=False)
@@ -146,6 +155,7 @@ RANGES = {
     "max_steps": (0, None),
     "batch_size": (1, None),
     "accumulative_counts": (1, None),
+    "batch_tokens": (1, None),
     "save_steps": (1, None),
     "save_total_limit": (0, None),
     "logging_steps": (1, None),
@@ -252,6 +262,11 @@ def validate(raw: dict, source: str | None = None, lines: dict | None = None) ->
     cfg._source = source
     _check_datasets(cfg, source, lines)
     _check_vision(cfg, source, lines)
+    if isinstance(cfg.batch_tokens, int) and (cfg.strategy in ("fsdp2", "deepspeed") or cfg.deepspeed):
+        where = f"{source}:{lines['batch_tokens']}" if source and "batch_tokens" in lines else source
+        raise UserError(f"batch_tokens cannot be used with strategy '{cfg.strategy}'{' (deepspeed)' * bool(cfg.deepspeed)}: "
+                        "its processes must all run the same number of micro-batches", where=where,
+                        hint="remove batch_tokens (micro-batches of batch_size rows), or use strategy 'ddp'")
     return cfg
 
 

@@ -38,9 +38,9 @@ DATA = {
                "guanaco-style '### Human: ... ### Assistant: ...' text (e.g. timdettmers/openassistant-guanaco)"),
 }
 METHODS = {
-    "full": dict(method="full", quantization="none", batch_size=1, accumulative_counts=16, gc=True),
-    "lora": dict(method="lora", quantization="none", batch_size=1, accumulative_counts=16, gc=True),
-    "qlora": dict(method="lora", quantization="nf4", batch_size=1, accumulative_counts=16, gc=True),
+    "full": dict(method="full", quantization="none", batch_size=1, accumulative_counts=16, gc="auto"),
+    "lora": dict(method="lora", quantization="none", batch_size=1, accumulative_counts=16, gc="auto"),
+    "qlora": dict(method="lora", quantization="nf4", batch_size=1, accumulative_counts=16, gc="auto"),
 }
 
 TEMPLATE = '''"""{title}
@@ -68,7 +68,7 @@ evaluation_inputs = ["Please introduce yourself.", "请你介绍一下你自己"
 method = {method!r}
 quantization = {quantization!r}{quant_note}
 {lora_block}torch_dtype = "auto"
-gradient_checkpointing = {gc}
+gradient_checkpointing = {gc!r}  # "auto": on a GPU, only the layers the memory needs; True: all; False: none
 
 #######################################################################
 #                           PART 3  Data                              #
@@ -82,6 +82,7 @@ shuffle_before_pack = True
 lr = {lr}
 batch_size = {batch_size}  # per device, in packed rows
 accumulative_counts = {accumulative_counts}
+batch_tokens = "auto"  # on a GPU: micro-batches as large as memory allows (same rows per step); None: batch_size rows
 max_epochs = 3
 max_norm = 1.0
 warmup_ratio = 0.03

@@ -174,6 +174,9 @@ NAMED: dict[str, NamedSpec] = {
     ),
 }
 
+# XTuner's names for the same formats, accepted so users' XTuner-style configs keep working.
+XTUNER_NAMES = {"qwen_chat": "chatml", "mixtral": "mistral"}
+
 TEMPLATE_NAMES: tuple[str, ...] = ("auto",) + tuple(NAMED)
 
 
@@ -456,6 +459,7 @@ def get_template(name: str, tokenizer=None) -> ChatTemplate:
                 hint=f"set prompt_template to one of: {', '.join(NAMED)}",
             )
         return TokenizerTemplate(tokenizer)
+    name = XTUNER_NAMES.get(name, name)
     if name in NAMED:
         return NamedTemplate(name, NAMED[name], tokenizer)
     near = difflib.get_close_matches(name, TEMPLATE_NAMES, n=1)

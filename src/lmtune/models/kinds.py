@@ -40,12 +40,15 @@ class CausalLM:
     def lora_targets(self, cfg, model):
         return cfg.lora_target_modules
 
-    def add_lora(self, model, cfg):
-        """The model wrapped by peft with the config's LoRA (on `lora_targets`)."""
+    def add_lora(self, model, cfg, custom_modules: dict | None = None):
+        """The model wrapped by peft with the config's LoRA (on `lora_targets`); `custom_modules`
+        maps base layer types to LoRA layer classes (the fused layers of lmtune.models.lora_fused)."""
         from peft import LoraConfig, get_peft_model
 
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=self.lora_targets(cfg, model), task_type=self.peft_task_type, bias="none")
+        if custom_modules:
+            lora._register_custom_module(custom_modules)  # peft's dispatch hook for custom LoRA layers
         return get_peft_model(model, lora)
 
     def inputs(self, batch: dict) -> dict:
@@ -74,13 +77,25 @@ def base_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def language_model(model):
+    """A vision-language model's language model (its decoder stack), else the model itself."""
+    base = base_model(model)
+    inner = getattr(base, "model", None)
+    if getattr(base.config, "text_config", None) is not None:
+        for name in ("language_model", "text_model"):
+            if hasattr(inner, name):
+                return getattr(inner, name)
+    return model
+
+
 def decoder_layers(model) -> list:
-    """The transformer blocks (what gets sharded, checkpointed or compiled one by one):
-    transformers names their classes in `_no_split_modules`."""
+    """The transformer blocks of the language model (what gets sharded, checkpointed or compiled one
+    by one): transformers names their classes in `_no_split_modules`."""
+    root = language_model(model)
     names = set(getattr(base_model(model), "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in names]
+    layers = [m for m in root.modules() if type(m).__name__ in names]
     if not layers:
         from transformers.modeling_layers import GradientCheckpointingLayer
 
-        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        layers = [m for m in root.modules() if isinstance(m, GradientCheckpointingLayer)]
     return layers

@@ -19,8 +19,28 @@ layer that was is unpacked again (bitsandbytes' own inverse, also what its `stat
 from __future__ import annotations
 
 import contextlib
+import logging
 
-import torch
+# The one bitsandbytes log line hidden from users. On a CPU with AVX512-BF16, importing bitsandbytes
+# (which `import peft` does too) tries to fetch a faster 4-bit CPU kernel from the Hugging Face hub
+# through the optional `kernels` package and, when that is missing, logs this warning from
+# bitsandbytes.backends.cpu.ops. bitsandbytes then uses its own CPU kernels, which is what lmtune is
+# tested with: nothing is wrong and nothing needs doing, so the line is only noise on every command.
+_CPU_KERNEL_NOTICE = "Failed to load CPU gemm_4bit_forward from kernels-community"
+_CPU_OPS_LOGGER = "bitsandbytes.backends.cpu.ops"
+
+
+class _HideCpuKernelNotice(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(_CPU_KERNEL_NOTICE)
+
+
+def hide_bitsandbytes_noise() -> None:
+    """Drop exactly that warning (idempotent; must run before bitsandbytes is first imported, so the
+    package root calls it). Every other bitsandbytes message still shows."""
+    logger = logging.getLogger(_CPU_OPS_LOGGER)
+    if not any(isinstance(f, _HideCpuKernelNotice) for f in logger.filters):
+        logger.addFilter(_HideCpuKernelNotice())
 
 
 def _linear4bit_class():
@@ -56,6 +76,8 @@ def restore_trainable_layout(model) -> int:
             f"{len(layers)} 4-bit layers were repacked into bitsandbytes' CPU inference layout, in which "
             "LoRA gradients are wrong, and this bitsandbytes cannot undo it; pin bitsandbytes==0.50.2"
         ) from None
+    import torch
+
     with torch.no_grad():
         for layer in layers:
             layer.weight.data, layer.weight.quant_state = unpack(layer.weight.data, layer.weight.quant_state)

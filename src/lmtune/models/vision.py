@@ -434,7 +434,9 @@ class VisionLanguage:
             names.append(name)
         return "^(" + "|".join(re.escape(n) for n in names) + ")$" if names else None
 
-    def add_lora(self, model, cfg):
+    def add_lora(self, model, cfg, custom_modules: dict | None = None):
+        """peft's LoRA on the parts that train by LoRA, the parts that train whole as
+        modules_to_save; `custom_modules`: the fast path's fused LoRA layers (as for a causal LM)."""
         from peft import LoraConfig, get_peft_model
 
         self.model = model
@@ -455,6 +457,8 @@ class VisionLanguage:
         lora = LoraConfig(r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout,
                           target_modules=targets, modules_to_save=full or None, bias="none",
                           rank_pattern=ranks, alpha_pattern=alphas)
+        if custom_modules:
+            lora._register_custom_module(custom_modules)  # peft's dispatch hook for custom LoRA layers
         return get_peft_model(model, lora)
 
     # ---- batches

@@ -7,8 +7,9 @@ for this run; the run prints one line per choice saying what it took and why:
                                         "flash_attention_2" | ...
     loss           loss_impl            "auto" | "chunked" | "plain"
     kernels        use_liger_kernel     "auto" | "on" | "off"
+    lora           lora_impl            "auto" | "fused" | "peft"
     compile        compile              False | True
-    checkpointing  gradient_checkpointing, cpu_offload
+    checkpointing  gradient_checkpointing "auto" | True | False, cpu_offload
 
 `setup_base_model` runs on the freshly loaded transformers model (before LoRA is added);
 `finish` runs on the final model (after LoRA) and returns the `FastPath` that `loss_sum` uses.
@@ -16,6 +17,7 @@ for this run; the run prints one line per choice saying what it took and why:
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from dataclasses import dataclass, field
 
@@ -34,10 +36,14 @@ class FastPath:
     attention: str = "sdpa"
     loss: str = "plain"
     kernels: str = "none"
+    lora: str = "peft"
+    lora_modules: dict = field(default_factory=dict)  # peft custom-module mapping (fused LoRA layers)
     compile: bool = False
     checkpointing: str = "off"
     why: dict = field(default_factory=dict)
     loss_head: object = None  # lmtune.train.losses.LossHead when loss == "chunked"
+    plan: object = None  # lmtune.train.memory.Plan when gradient_checkpointing = "auto" chose
+    batch_tokens: int | None = None  # tokens per micro-batch (None: batch_size rows)
 
     def model_kwargs(self, batch: dict) -> dict:
         """Extra forward() keyword arguments for a flat batch (sample boundaries for varlen attention)."""
@@ -51,6 +57,9 @@ class FastPath:
             f"attention: {self.attention} ({self.why.get('attention', '')})",
             f"loss: {self.loss} ({self.why.get('loss', '')})",
             f"kernels: {self.kernels} ({self.why.get('kernels', '')})",
+            f"lora: {self.lora} ({self.why.get('lora', '')})",
+            f"micro-batch: {f'up to {self.batch_tokens} tokens' if self.batch_tokens else 'batch_size rows'} "
+            f"({self.why.get('micro', '')})",
             f"compile: {'on' if self.compile else 'off'} ({self.why.get('compile', '')})",
             f"checkpointing: {self.checkpointing} ({self.why.get('checkpointing', '')})",
         ]
@@ -110,13 +119,11 @@ def choose_loss(cfg, device: torch.device, model) -> tuple[str, str]:
 
 
 def _language_model(model):
-    """The part liger patches: a vision-language model's language model, else the model itself."""
-    config = getattr(model, "config", None)
-    inner = getattr(model, "model", None)
-    for name in ("language_model", "text_model"):
-        if getattr(config, "text_config", None) is not None and hasattr(inner, name):
-            return getattr(inner, name), config.text_config.model_type
-    return model, getattr(config, "model_type", None)
+    """The part liger patches (a vision-language model's language model) and its model type."""
+    from lmtune.models.kinds import language_model
+
+    target = language_model(model)
+    return target, getattr(getattr(target, "config", None), "model_type", None)
 
 
 def choose_kernels(cfg, device: torch.device, model) -> tuple[str, str]:
@@ -139,6 +146,28 @@ def choose_kernels(cfg, device: torch.device, model) -> tuple[str, str]:
                             hint="set use_liger_kernel = 'auto' to use it only where it can run")
         return "none", reason
     return "liger", "liger-kernel RMSNorm, RoPE and SwiGLU (Triton)"
+
+
+def choose_lora(cfg, device: torch.device) -> tuple[str, str]:
+    if cfg.method != "lora":
+        return "none", "full fine-tuning"
+    if cfg.lora_impl == "peft":
+        return "peft", "set in the config"
+    reason = None
+    if cfg.quantization == "int8":
+        reason = "8-bit base layers keep peft's own LoRA layers"
+    elif cfg.strategy == "deepspeed" or cfg.deepspeed:
+        reason = "DeepSpeed partitions the base weights the fused layer reads"
+    elif cfg.lora_impl == "auto" and device.type != "cuda":
+        reason = "CPU: peft's LoRA layers (set lora_impl = 'fused' to use the fused layer here too)"
+    if reason:
+        if cfg.lora_impl == "fused":
+            raise UserError(f"lora_impl = 'fused' cannot be used here: {reason}", where=cfg._source,
+                            hint="set lora_impl = 'auto'")
+        return "peft", reason
+    why = "set in the config" if cfg.lora_impl == "fused" else (
+        "the adapter runs inside the base matmul's autograd node: no fp32 copy of the input, no extra passes")
+    return "fused", why
 
 
 # ----------------------------------------------------------------------------- applying
@@ -172,6 +201,12 @@ def setup_base_model(model, cfg, device: torch.device, amp_dtype) -> FastPath:
             rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False,
             model=target)
 
+    fp.lora, fp.why["lora"] = choose_lora(cfg, device)
+    if fp.lora == "fused":
+        from lmtune.models.lora_fused import fused_modules
+
+        fp.lora_modules = fused_modules(cfg.quantization)
+
     quantized = cfg.quantization != "none"
     if quantized:
         # QLoRA without a full-precision copy: peft's prepare_model_for_kbit_training would upcast
@@ -179,12 +214,18 @@ def setup_base_model(model, cfg, device: torch.device, amp_dtype) -> FastPath:
         # Llama-3. The frozen base stays in its load dtype; autocast computes in bf16.
         for p in model.parameters():
             p.requires_grad_(False)
-    if cfg.gradient_checkpointing:
+    want = cfg.gradient_checkpointing
+    if want == "auto" and device.type != "cuda":
+        fp.why["checkpointing"] = "auto on the CPU: off (activations of CPU-sized runs fit in RAM)"
+        want = False
+    if want:
+        # Enabled on every layer now; with "auto", `finish` turns it off again on the layers the
+        # memory estimate says can keep their activations.
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if cfg.method == "lora" or quantized:
             model.enable_input_require_grads()
         fp.checkpointing, fp.why["checkpointing"] = "on", "gradient_checkpointing = True: one layer's activations at a time"
-        if cfg.cpu_offload:
+        if cfg.cpu_offload is True:
             if device.type != "cuda":
                 fp.why["checkpointing"] += "; cpu_offload ignored on a CPU run"
             else:
@@ -193,13 +234,23 @@ def setup_base_model(model, cfg, device: torch.device, amp_dtype) -> FastPath:
                         m._gradient_checkpointing_func = offloaded_checkpoint
                 fp.checkpointing = "on + CPU offload"
                 fp.why["checkpointing"] += "; the layer inputs kept for recomputation wait in pinned CPU memory"
-    else:
+    elif "checkpointing" not in fp.why:
         fp.why["checkpointing"] = "gradient_checkpointing = False: fastest while activations fit"
     return fp
 
 
-def finish(fp: FastPath, model, cfg, device: torch.device) -> FastPath:
-    """Loss head and compile on the final (possibly peft-wrapped) model."""
+def finish(fp: FastPath, model, cfg, device: torch.device, amp_dtype=None) -> FastPath:
+    """Loss head, the checkpointing plan and compile on the final (possibly peft-wrapped) model,
+    once it is on its device."""
+    fp.batch_tokens = cfg.batch_tokens if isinstance(cfg.batch_tokens, int) else None
+    fp.why["micro"] = "set in the config" if fp.batch_tokens else "batch_tokens = None"
+    if cfg.batch_tokens == "auto" and device.type != "cuda":
+        fp.why["micro"] = "batch_tokens = 'auto' on the CPU: batch_size rows"
+    elif cfg.batch_tokens == "auto" and (cfg.strategy in ("fsdp2", "deepspeed") or cfg.deepspeed):
+        fp.why["micro"] = "batch_tokens = 'auto': batch_size rows (FSDP2/DeepSpeed run the same micro-batches everywhere)"
+        cfg = dataclasses.replace(cfg, batch_tokens=None)
+    if device.type == "cuda" and "auto" in (cfg.gradient_checkpointing, cfg.batch_tokens):
+        plan_memory(fp, model, cfg, device, amp_dtype)
     fp.loss, fp.why["loss"] = choose_loss(cfg, device, model)
     if fp.loss == "chunked":
         from lmtune.train.losses import LossHead
@@ -219,6 +270,59 @@ def finish(fp: FastPath, model, cfg, device: torch.device) -> FastPath:
     else:
         fp.why["compile"] = "compile = False: the fused kernels above already cover the memory-bound ops"
     return fp
+
+
+def plan_memory(fp: FastPath, model, cfg, device: torch.device, amp_dtype) -> None:
+    """batch_tokens = "auto": the largest micro-batch that fits with the checkpointing asked for
+    (none for "auto"/False); gradient_checkpointing = "auto": checkpoint only the layers the memory
+    estimate needs, fewest first (lmtune.train.memory)."""
+    import torch.distributed as torch_dist
+
+    from lmtune.models.kinds import base_model, decoder_layers
+    from lmtune.train import memory
+
+    layers = [m for m in decoder_layers(model) if hasattr(m, "gradient_checkpointing")]
+    several = torch_dist.is_available() and torch_dist.is_initialized() and torch_dist.get_world_size() > 1
+    if not layers or several:
+        why = "this model's layers cannot be checkpointed one by one" if not layers else (
+            "several processes: the estimate is for one unsharded process")
+        if cfg.gradient_checkpointing == "auto":
+            fp.why["checkpointing"] = f"auto: every layer ({why})"
+        if cfg.batch_tokens == "auto":
+            fp.why["micro"] = f"batch_tokens = 'auto': batch_size rows ({why})"
+        return
+    config = base_model(model).config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config  # a VLM's LLM
+    emb = base_model(model).get_input_embeddings()
+    fp32_stream = amp_dtype is not None and getattr(emb, "weight", None) is not None and emb.weight.dtype == torch.float32
+    per_token = memory.activation_bytes_per_token(config, liger=fp.kernels == "liger", fp32_stream=fp32_stream,
+                                                  lora_dropout=cfg.lora_dropout if cfg.method == "lora" else 0.0)
+    state = {"adamw": 2.0, "sgd": 0.0}.get(cfg.optimizer, 0.5)  # 8-bit states: a quarter of fp32's two
+    est = memory.Estimate(model, layers, per_token=per_token, hidden=config.hidden_size,
+                          budget=memory.available_bytes(device), optimizer_state_factor=state, autocast_dtype=amp_dtype)
+    offload = None if cfg.cpu_offload == "auto" else cfg.cpu_offload
+    if cfg.batch_tokens == "auto":
+        fp.batch_tokens = est.max_tokens(len(layers) if cfg.gradient_checkpointing is True else 0,
+                                         cfg.max_length, max(cfg.max_length, 32768), offload=offload is True)
+        fp.why["micro"] = "batch_tokens = 'auto': the most the memory estimate fits"
+    tokens = max(fp.batch_tokens, cfg.max_length) if fp.batch_tokens else cfg.batch_size * cfg.max_length
+    if cfg.gradient_checkpointing != "auto":
+        return
+    plan = est.plan(tokens, offload)
+    for i, layer in enumerate(layers):
+        layer.gradient_checkpointing = i < plan.checkpointed
+        if plan.offload and i < plan.checkpointed:
+            layer._gradient_checkpointing_func = offloaded_checkpoint
+    if plan.offload and "offload" not in fp.checkpointing:
+        fp.checkpointing += " + CPU offload"
+    if plan.checkpointed == 0:
+        fp.checkpointing = "off"
+        if cfg.method == "lora" or cfg.quantization != "none":
+            base_model(model).disable_input_require_grads()
+    elif plan.checkpointed < plan.layers:
+        fp.checkpointing = fp.checkpointing.replace("on", f"{plan.checkpointed}/{plan.layers} layers")
+    fp.why["checkpointing"] = "auto: " + plan.describe(tokens)
+    fp.plan = plan
 
 
 # ----------------------------------------------------------------------------- checkpoint offload

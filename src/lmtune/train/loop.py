@@ -8,9 +8,10 @@ The Trainer can be given its parts instead of building them from the config (ben
 do): `Trainer(cfg, work_dir, model=base_model, rows=rows, objective=obj, tokenizer=tok)`; a given
 `model` is the base model before adapters (the Trainer adds LoRA and the fast path).
 
-One optimizer step consumes `batch_size × accumulative_counts × world_size` rows. Its loss is the
-objective's sum over the whole step divided by its count over the whole step (loss tokens for SFT,
-pairs for DPO): accumulation and process count do not change the result.
+One optimizer step consumes `batch_size × accumulative_counts × world_size` rows (micro-batches of
+`batch_size` rows, or of up to `batch_tokens` tokens). The step's loss is the objective's sum over
+the whole step divided by its count (loss tokens for SFT, pairs for DPO), so the grouping into
+micro-batches and processes does not change the result.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import torch
 from lmtune.config import Config, check_paths, dump_config
 from lmtune.errors import UserError
 from lmtune.train import checkpoint as ckpt
-from lmtune.train.batch import to_device
+from lmtune.train.batch import micro_batches, to_device
 from lmtune.train.objectives import Forward, make_objective
 from lmtune.train.run_identity import check_resume, prepare_work_dir, run_identity
 from lmtune.train.run_log import RunLog
@@ -108,10 +109,8 @@ class Trainer:
             self.total_steps = cfg.max_steps
         else:
             self.total_steps = max(1, math.ceil(cfg.max_epochs * len(self.rows) / per_step))
-        self.dist.log(
-            f"data: {len(self.rows)} rows ({'packed' if cfg.pack_to_max_length else 'unpacked'}, "
-            f"max_length {cfg.max_length}); {per_step} rows per step; {self.total_steps} steps"
-        )
+        self.dist.log(f"data: {len(self.rows)} rows ({'packed' if cfg.pack_to_max_length else 'unpacked'}, "
+                      f"max_length {cfg.max_length}); {per_step} rows per step; {self.total_steps} steps")
 
     def _setup_model(self) -> None:
         from lmtune.train import fast_path
@@ -122,7 +121,7 @@ class Trainer:
         # Attention, fused kernels, checkpointing and QLoRA preparation; prints what it chose and why.
         fast = fast_path.setup_base_model(model, cfg, self.device, self.amp_dtype)
         if cfg.method == "lora":
-            model = self.kind.add_lora(model, cfg)
+            model = self.kind.add_lora(model, cfg, custom_modules=fast.lora_modules)
             for p in model.parameters():  # trainable adapter weights always in fp32
                 if p.requires_grad and p.dtype != torch.float32:
                     p.data = p.data.float()
@@ -131,7 +130,7 @@ class Trainer:
                             hint="use method = 'lora' with quantization (QLoRA), or quantization = 'none'")
         if cfg.quantization == "none":
             model.to(self.device)
-        self.fast = fast_path.finish(fast, model, cfg, self.device)
+        self.fast = fast_path.finish(fast, model, cfg, self.device, self.amp_dtype)
         self.fast.report(self.dist.log)
         self.forward = Forward(fast=self.fast, kind=self.kind)
         self.model = model  # the unwrapped model (peft or plain): what we save
@@ -145,8 +144,7 @@ class Trainer:
         cfg = self.cfg
         groups = param_groups(self.train_model.parameters(), cfg.weight_decay)
         self.optimizer = self.dist.make_optimizer(groups, lambda g: make_optimizer(g, cfg, self.device))
-        self.scheduler = make_scheduler(self.optimizer, self.total_steps, cfg.warmup_ratio, cfg.lr_scheduler,
-                                        cfg.min_lr_ratio)
+        self.scheduler = make_scheduler(self.optimizer, self.total_steps, cfg.warmup_ratio, cfg.lr_scheduler, cfg.min_lr_ratio)
 
     # ------------------------------------------------------------------ data order
     def set_rows(self, rows) -> None:
@@ -176,8 +174,8 @@ class Trainer:
         self.last_step_rows = picked
         self._step_count = self.objective.count(picked)
         self._step_tokens = sum(len(r["input_ids"]) for r in picked)
-        bs, world, rank = cfg.batch_size, self.dist.world_size, self.dist.rank
-        return [picked[(i * world + rank) * bs:(i * world + rank + 1) * bs] for i in range(cfg.accumulative_counts)]
+        return micro_batches(picked, cfg.batch_size, cfg.accumulative_counts, self.dist.world_size, self.dist.rank,
+                             self.fast.batch_tokens)
 
     # ------------------------------------------------------------------ train
     def train(self) -> Path | None:
@@ -228,13 +226,13 @@ class Trainer:
         step's mean loss and metrics. `last_step_rows` holds the rows it consumed."""
         cfg, model = self.cfg, self.train_model
         model.train()
-        micro_batches = self._next_step_rows()
+        micros = self._next_step_rows()
         denom = max(1, self._step_count)  # over the whole global step (every process picked all its rows)
         total = torch.zeros((), device=self.device, dtype=torch.float64)
         sums: dict[str, torch.Tensor] = {}
-        for i, rows in enumerate(micro_batches):
+        for i, rows in enumerate(micros):
             batch = to_device(self.objective.make_batch(rows), self.device)
-            with self.dist.no_sync(model, last=i == len(micro_batches) - 1):
+            with self.dist.no_sync(model, last=i == len(micros) - 1):
                 with torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None):
                     s, metrics = self.objective.loss(model, batch, self.forward)
                 # Scale so the gradient is that of the mean over the whole global step; the

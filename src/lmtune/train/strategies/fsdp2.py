@@ -38,7 +38,7 @@ class FSDP2Strategy(ProcessGroupStrategy):
         mesh = init_device_mesh(device.type, (self.world_size,))
         amp = self.amp_dtype()
         mp = MixedPrecisionPolicy(param_dtype=amp, reduce_dtype=torch.float32 if amp else None)
-        offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cfg.cpu_offload else OffloadPolicy()
+        offload = CPUOffloadPolicy(pin_memory=device.type == "cuda") if cfg.cpu_offload is True else OffloadPolicy()
         # QLoRA: 4/8-bit base weights are frozen and packed by bitsandbytes; they stay whole on every
         # process (ignored by FSDP) while the LoRA weights, norms and embeddings are sharded.
         ignored = {p for p in model.parameters() if is_quantized_param(p)} or None
