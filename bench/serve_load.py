@@ -1,12 +1,19 @@
-"""Load test for `lmtune serve`: N concurrent streaming clients on loopback.
+"""Load test for `lmtune serve`: N concurrent streaming clients on loopback, every answer checked.
 
-Starts `lmtune serve MODEL` on a free 127.0.0.1 port, sends N streaming chat requests at once
-(distinct prompts, greedy), then checks that every stream completed (final chunk with a
-finish_reason, then [DONE]) and that none got another request's text (--check of the streamed answers must
-equal the same prompt's answer asked alone, afterwards). Prints a markdown table. Time-bounded:
-everything stops after --time-limit seconds.
+Starts `lmtune serve MODEL` (default settings: continuous batching, --max-batch 64) on a free
+127.0.0.1 port, then:
 
-    python bench/serve_load.py                    # 32 clients, embedded model, 32 tokens each
+1. asks each prompt alone, one request at a time (its *solo* greedy answer; also the single-stream
+   speed: completion tokens / latency of a lone request);
+2. for each N in --clients: sends N streaming chat requests at once (distinct prompts, greedy) and
+   checks that every stream completed (a finish_reason, then [DONE], one id) and that every
+   streamed answer equals that prompt's solo answer (none mixed up, none changed by batching).
+
+Prints a markdown table and the targets of issue 17 (p50 latency at 32 clients <= 6.5 s,
+aggregate tokens/s >= 4x a single stream). Time-bounded: everything stops after --time-limit s.
+Exit status 0 only when every stream completed and matched its solo answer.
+
+    python bench/serve_load.py                         # 32 and 64 clients, embedded model, 32 tokens
     python bench/serve_load.py --clients 8 --max-tokens 64
 """
 
@@ -25,6 +32,14 @@ import time
 
 import httpx
 
+TOPICS = ["the moon", "a volcano", "the ocean", "a library", "a violin", "the desert", "a glacier", "a bicycle",
+          "the heart", "a lighthouse", "a honeybee", "the internet", "a rainbow", "a castle", "the wind",
+          "a comet"]
+
+
+def prompts(n: int) -> list[str]:
+    return [f"Request {i}: in one sentence, what is {TOPICS[i % len(TOPICS)]}? ({i * 7 + 3})" for i in range(n)]
+
 
 def free_port() -> int:
     with socket.socket() as s:
@@ -35,8 +50,7 @@ def free_port() -> int:
 def pct(values: list[float], q: float) -> float:
     if not values:
         return float("nan")
-    values = sorted(values)
-    return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
+    return statistics.quantiles(values, n=100, method="inclusive")[q - 1] if len(values) > 1 else values[0]
 
 
 async def stream_one(client: httpx.AsyncClient, url: str, model: str, prompt: str, max_tokens: int) -> dict:
@@ -71,104 +85,118 @@ async def stream_one(client: httpx.AsyncClient, url: str, model: str, prompt: st
             "tokens": (usage or {}).get("completion_tokens", 0)}
 
 
-async def run(url: str, model: str, clients: int, max_tokens: int, deadline: float,
-              check: int) -> tuple[list, float, list]:
-    prompts = [f"Request {i}: in one sentence, what is {topic}?" for i, topic in
-               enumerate([f"the number {i * 7 + 3}" for i in range(clients)])]
-    timeout = httpx.Timeout(max(10.0, deadline - time.time()), connect=10)
-    limits = httpx.Limits(max_connections=clients + 4)
+async def solo_pass(url: str, model: str, ps: list[str], max_tokens: int, deadline: float) -> list[dict]:
+    """Each prompt alone, one after the other: the reference answers and the single-stream speed."""
+    out = []
+    async with httpx.AsyncClient(timeout=httpx.Timeout(300, connect=10)) as client:
+        for p in ps:
+            if time.time() > deadline:
+                raise TimeoutError("time limit reached during the solo pass")
+            out.append(await stream_one(client, url, model, p, max_tokens))
+    return out
+
+
+async def concurrent_pass(url: str, model: str, ps: list[str], max_tokens: int, deadline: float):
+    timeout = httpx.Timeout(max(10.0, deadline - time.time()), connect=30)
+    limits = httpx.Limits(max_connections=len(ps) + 4, max_keepalive_connections=len(ps) + 4)
     async with httpx.AsyncClient(timeout=timeout, limits=limits) as client:
         t0 = time.perf_counter()
         results = await asyncio.wait_for(
-            asyncio.gather(*(stream_one(client, url, model, p, max_tokens) for p in prompts),
-                           return_exceptions=True),
+            asyncio.gather(*(stream_one(client, url, model, p, max_tokens) for p in ps), return_exceptions=True),
             timeout=max(1.0, deadline - time.time()))
-        wall = time.perf_counter() - t0
-        # Reference answers, one request at a time, to prove no stream got another's tokens.
-        refs = []
-        for i, p in enumerate(prompts):
-            if time.time() > deadline or i % max(1, clients // max(1, check)) or len(refs) - refs.count(None) >= check:
-                refs.append(None)
-                continue
-            r = await client.post(url + "/v1/chat/completions", json={
-                "model": model, "messages": [{"role": "user", "content": p}], "temperature": 0,
-                "max_tokens": max_tokens})
-            refs.append(r.json()["choices"][0]["message"]["content"] if r.status_code == 200 else None)
-    return results, wall, refs
+        return results, time.perf_counter() - t0
+
+
+def start_server(model: str, threads: int | None, extra: list[str], deadline: float):
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    if threads:
+        env["OMP_NUM_THREADS"] = str(threads)
+    server = subprocess.Popen([sys.executable, "-m", "lmtune.cli", "serve", model, "--port", str(port),
+                               "--model-name", "bench", *extra],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    while True:
+        if server.poll() is not None:
+            raise RuntimeError(f"the server exited: {server.stderr.read()[-2000:]}")
+        try:
+            if httpx.get(url + "/health", timeout=2).status_code == 200:
+                return server, url
+        except httpx.HTTPError:
+            pass
+        if time.time() > deadline:
+            server.kill()
+            raise TimeoutError("the server did not start in time")
+        time.sleep(0.3)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--clients", type=int, default=32)
+    ap.add_argument("--clients", type=int, nargs="+", default=[32, 64])
     ap.add_argument("--max-tokens", type=int, default=32)
-    ap.add_argument("--check", type=int, default=8,
-                    help="re-ask this many of the prompts alone (spread over the set) to detect mixed streams")
-    ap.add_argument("--threads", type=int, default=None,
-                    help="torch CPU threads for the server (OMP_NUM_THREADS); 1 avoids collapse on a shared CPU")
-    ap.add_argument("--time-limit", type=float, default=600, help="stop everything after this many seconds")
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads for the server (OMP_NUM_THREADS)")
+    ap.add_argument("--server-args", default="", help="extra `lmtune serve` flags, e.g. '--max-batch 32'")
+    ap.add_argument("--time-limit", type=float, default=1200, help="stop everything after this many seconds")
     args = ap.parse_args()
 
     deadline = time.time() + args.time_limit
-    port = free_port()
-    url = f"http://127.0.0.1:{port}"
-    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
-    if args.threads:
-        env["OMP_NUM_THREADS"] = str(args.threads)
-    server = subprocess.Popen([sys.executable, "-m", "lmtune.cli", "serve", args.model, "--port", str(port),
-                               "--max-concurrency", str(args.clients + 1), "--model-name", "bench"],
-                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    load_before = os.getloadavg()[0]
+    ps = prompts(max(args.clients))
+    server, url = start_server(args.model, args.threads, args.server_args.split(), deadline)
+    rows, failed = [], False
     try:
-        while True:
-            if server.poll() is not None:
-                print(server.stderr.read(), file=sys.stderr)
-                return 1
-            try:
-                if httpx.get(url + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                print("server did not start in time", file=sys.stderr)
-                return 1
-            time.sleep(0.3)
         # warm-up (first-call allocations) so the table shows steady-state numbers
-        httpx.post(url + "/v1/chat/completions", timeout=120, json={
+        httpx.post(url + "/v1/chat/completions", timeout=300, json={
             "model": "bench", "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 4, "temperature": 0})
-
-        results, wall, refs = asyncio.run(run(url, "bench", args.clients, args.max_tokens, deadline,
-                                                  args.check))
+        solo = asyncio.run(solo_pass(url, "bench", ps, args.max_tokens, deadline))
+        single_tps = sum(r["tokens"] for r in solo) / sum(r["latency"] for r in solo)
+        for n in args.clients:
+            results, wall = asyncio.run(concurrent_pass(url, "bench", ps[:n], args.max_tokens, deadline))
+            good = [r for r in results if not isinstance(r, BaseException) and r.get("ok")]
+            same = sum(1 for r, ref in zip(results, solo)
+                       if not isinstance(r, BaseException) and r.get("ok") and r["text"] == ref["text"])
+            tokens = sum(r["tokens"] for r in good)
+            lats = [r["latency"] for r in good]
+            ttfts = [r["ttft"] for r in good if r["ttft"] is not None]
+            rows.append(dict(n=n, completed=len(good), same=same, wall=wall, tps=tokens / wall,
+                             ttft50=pct(ttfts, 50), ttft95=pct(ttfts, 95), lat50=pct(lats, 50), lat95=pct(lats, 95),
+                             tokens=tokens))
+            failed |= len(good) < n or same < n
+            for r in results:
+                if isinstance(r, BaseException) or not r.get("ok"):
+                    print(f"error: {r!r}"[:300], file=sys.stderr)
+                    break
+            for r, ref in zip(results, solo):
+                if not isinstance(r, BaseException) and r.get("ok") and r["text"] != ref["text"]:
+                    print(f"differs from solo:\n  batched {r['text']!r}\n  solo    {ref['text']!r}", file=sys.stderr)
+                    break
     finally:
         server.terminate()
         try:
-            server.wait(timeout=15)
+            server.wait(timeout=30)
         except subprocess.TimeoutExpired:
             server.kill()
 
-    errors = [r for r in results if isinstance(r, BaseException) or not r.get("ok")]
-    good = [r for r in results if not isinstance(r, BaseException) and r.get("ok")]
-    checked = [(r, ref) for r, ref in zip(results, refs) if ref is not None and not isinstance(r, BaseException)]
-    mixed = sum(1 for r, ref in checked if r.get("text") != ref)
-    ttfts = [r["ttft"] for r in good if r["ttft"] is not None]
-    lats = [r["latency"] for r in good]
-    tokens = sum(r["tokens"] for r in good)
-    print(f"\n`lmtune serve {args.model}` on {platform.machine()} CPU ({os.cpu_count()} cores), loopback, "
-          f"{args.clients} concurrent streaming clients, greedy, max_tokens={args.max_tokens}, "
-          f"server threads={args.threads or 'default'}, "
-          f"{time.strftime('%Y-%m-%d')}\n")
-    print("| clients | completed | mixed up (of checked) | wall s | requests/s | tokens/s | TTFT p50 s | "
-          "TTFT p95 s | latency p50 s | latency p95 s |")
+    print(f"\n`lmtune serve {args.model}` {args.server_args} on {platform.machine()} CPU ({os.cpu_count()} cores), "
+          f"loopback, streaming clients, greedy, max_tokens={args.max_tokens}, server threads="
+          f"{args.threads or 'default'}, {time.strftime('%Y-%m-%d %H:%M')}; 1-min load average at the start "
+          f"{load_before:.2f}, at the end {os.getloadavg()[0]:.2f}\n")
+    print(f"Single stream (each prompt alone, {len(solo)} requests): {single_tps:.1f} tokens/s, latency p50 "
+          f"{pct([r['latency'] for r in solo], 50):.2f} s\n")
+    print("| clients | completed | equal to solo | wall s | tokens/s | × single stream | TTFT p50 s | TTFT p95 s | "
+          "latency p50 s | latency p95 s |")
     print("|---|---|---|---|---|---|---|---|---|---|")
-    print(f"| {args.clients} | {len(good)}/{args.clients} | {mixed} (of {len(checked)}) | {wall:.1f} | "
-          f"{len(good) / wall:.2f} | {tokens / wall:.1f} | {pct(ttfts, 50):.2f} | {pct(ttfts, 95):.2f} | "
-          f"{pct(lats, 50):.2f} | {pct(lats, 95):.2f} |")
-    for e in errors[:5]:
-        print(f"\nerror: {e if isinstance(e, BaseException) else e.get('error', e)}", file=sys.stderr)
-    if good:
-        print(f"\nmean completion tokens {tokens / len(good):.1f}; "
-              f"single-stream decode ≈ {statistics.mean(r['tokens'] / max(1e-9, r['latency'] - r['ttft']) for r in good if r['ttft']):.1f} tok/s "
-              "(latency includes queueing: requests run one at a time)")
-    return 0 if not errors and mixed == 0 else 1
+    for r in rows:
+        print(f"| {r['n']} | {r['completed']}/{r['n']} | {r['same']}/{r['n']} | {r['wall']:.1f} | {r['tps']:.1f} | "
+              f"{r['tps'] / single_tps:.1f}× | {r['ttft50']:.2f} | {r['ttft95']:.2f} | {r['lat50']:.2f} | "
+              f"{r['lat95']:.2f} |")
+    for r in rows:
+        if r["n"] == 32:
+            print(f"\ntargets (issue 17): p50 latency at 32 clients {r['lat50']:.2f} s (<= 6.5: "
+                  f"{'yes' if r['lat50'] <= 6.5 else 'NO'}); aggregate {r['tps'] / single_tps:.1f}× a single "
+                  f"stream (>= 4: {'yes' if r['tps'] >= 4 * single_tps else 'NO'})")
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

@@ -6,16 +6,30 @@ import pytest
 
 from lmtune.cli import main
 from lmtune.config import list_builtin, load_config
-from lmtune.configs.presets import DATA, METHODS, MODELS, VLM_DATA, VLM_METHODS, VLMS, preset_names, render
+from lmtune.configs.presets import (DATA, METHODS, MODELS, PREFERENCE, VLM_DATA, VLM_METHODS, VLMS,
+                                    preset_names, render)
+
+SFT_PRESETS = [f"{m}_{meth}_{d}" for m in MODELS for meth in METHODS for d in DATA]
+PREFERENCE_PRESETS = [(f"{m}_{meth}_{obj}_pairs", obj, meth) for m in MODELS for obj, (methods, *_) in PREFERENCE.items()
+                      for meth in methods]
 
 
 def test_every_model_method_data_combination_is_a_preset():
-    assert len(preset_names()) == len(MODELS) * len(METHODS) * len(DATA) + len(VLMS) * len(VLM_METHODS)
+    vlm = [f"{m}_{meth}_{VLM_DATA}" for m in VLMS for meth in VLM_METHODS]
+    assert sorted(SFT_PRESETS + [n for n, _, _ in PREFERENCE_PRESETS] + vlm) == preset_names()
     assert set(preset_names()) <= set(list_builtin())
     assert "smollm2_135m_lora_self_cognition" in list_builtin()  # hand-written files still listed
 
 
-@pytest.mark.parametrize("name", [n for n in preset_names() if not n.endswith(f"_{VLM_DATA}")])
+@pytest.mark.parametrize("name, objective, method", PREFERENCE_PRESETS)
+def test_each_preference_preset_loads_with_its_objective(name, objective, method):
+    cfg = load_config(name)
+    assert cfg.objective == objective and cfg.method == ("full" if method == "full" else "lora")
+    if objective == "dpo":  # no second model in memory: adapter-off reference, or precomputed for full FT
+        assert cfg.precompute_reference == (method == "full")
+
+
+@pytest.mark.parametrize("name", SFT_PRESETS)
 def test_each_preset_loads_and_says_what_its_name_says(name):
     cfg = load_config(name)
     model, method, data = next((m, meth, d) for m in MODELS for meth in METHODS for d in DATA

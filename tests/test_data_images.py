@@ -108,9 +108,9 @@ def test_data_check_reports_bad_images_and_counts_image_tokens(tmp_path, vparts,
     assert f"{data}:2: image '{corrupt}' cannot be read" in out
     assert f"{data}:3: image '{tmp_path / 'gone.png'}' does not exist" in out
     assert f"{data}:4: the record has 1 image(s) but 0 <image> placeholder(s)" in out
-    assert f"{data}:5: the conversation has 0 image(s) but its rendered text has 1 image placeholder(s)" in out
-    assert "samples: 2 from 2 conversations" in out
-    assert "images: 1 distinct, 2 in samples; 50 image tokens" in out  # 25 per image (5x5 patches)
+    assert f"skipped {data}:5: bad_image" in out  # an <image> without an image: not tokenizable
+    # the corrupt image's header reads, so its sample is built (and its record reported above)
+    assert "images: 2 distinct, 3 in samples; 75 image tokens" in out  # 25 per image (5x5 patches)
     assert data.read_bytes() == before  # a check never writes
 
 

@@ -128,6 +128,34 @@ def test_seeded_sampling_is_reproducible(client):
     assert a == b
 
 
+def test_a_seeded_request_leaves_later_requests_random(client):
+    """A request's seed is its own: it must not reseed the server, or every unseeded request after
+    a seeded one would get the same "random" answer."""
+    msgs = [{"role": "user", "content": "Say anything."}]
+    unseeded = []
+    for _ in range(2):
+        client.chat.completions.create(model="tiny", messages=msgs, temperature=1.0, max_tokens=4, seed=11)
+        r = client.chat.completions.create(model="tiny", messages=msgs, temperature=2.0, max_tokens=24)
+        unseeded.append(r.choices[0].message.content)
+    # 24 tokens drawn at temperature 2 from a random model: equal only if the RNG was reset.
+    assert unseeded[0] != unseeded[1]
+
+
+def test_response_format_text_is_accepted_others_refused(client):
+    msgs = [{"role": "user", "content": "Hello!"}]
+    r = client.chat.completions.create(model="tiny", messages=msgs, temperature=0, max_tokens=3,
+                                       response_format={"type": "text"})
+    assert r.choices[0].finish_reason == "length"
+    for fmt in ({"type": "json_object"},
+                {"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object"}}}):
+        with pytest.raises(openai.BadRequestError) as e:
+            client.chat.completions.create(model="tiny", messages=msgs, max_tokens=3, response_format=fmt)
+        assert e.value.status_code == 400
+        err = e.value.body
+        assert err["param"] == "response_format" and err["code"] == "unsupported_parameter"
+        assert fmt["type"] in err["message"]
+
+
 # ---------------------------------------------------------------- errors, OpenAI-shaped
 
 
@@ -144,6 +172,19 @@ def test_400_bad_json(server):
     err = assert_openai_error(post(server, "/v1/chat/completions", b"{not json"), 400, "invalid_json")
     assert "JSON" in err["message"]
     assert_openai_error(post(server, "/v1/chat/completions", b"[1, 2]"), 400, "invalid_json")
+
+
+def test_400_deeply_nested_json(server):
+    """A body nested far deeper than any real request: a 400 in OpenAI's shape, no internal text."""
+    for raw in ("[" * 100_000 + "]" * 100_000,
+                '{"model": "tiny", "messages": ' + "[" * 100_000 + "]" * 100_000 + "}",
+                '{"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "x": '
+                + '{"a": ' * 200 + "1" + "}" * 200 + "}"):
+        err = assert_openai_error(post(server, "/v1/chat/completions", raw.encode()), 400, "invalid_json")
+        assert "deep" in err["message"]
+        assert "Recursion" not in err["message"]
+    # the server is still fine
+    assert post(server, "/v1/chat/completions", chat_body()).status_code == 200
 
 
 def test_400_missing_or_wrong_fields(server):

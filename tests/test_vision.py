@@ -58,9 +58,9 @@ def test_packed_forward_equals_transformers_llava(parts, tower):
     model = kind.load(cfg, torch.device("cpu")).eval()
     template = get_template("chatml", tok)
     convs = two_conversations(parts["images"])
-    encoded = encode_many(convs, tok, template, 512, kind.image_tokens(cfg, tok))
+    encoded = encode_many(convs, tok, template, 512, images=kind.image_tokens(cfg, tok))
     samples = [e.samples[0] for e in encoded]
-    batch = make_objective(cfg, kind).make_batch(pack(samples, 512, shuffle=False))
+    batch = make_objective(cfg, kind=kind).make_batch(pack(samples, 512, shuffle=False))
     assert batch["pixel_values"].shape[0] == 3
     with torch.no_grad():
         packed = Forward(kind=kind)(model, batch).logits[0]
@@ -90,8 +90,8 @@ def test_image_features_replace_exactly_the_image_tokens(parts):
     model = kind.load(cfg, torch.device("cpu")).eval()
     convs = two_conversations(parts["images"])
     samples = [e.samples[0] for e in encode_many(convs, tok, get_template("chatml", tok), 512,
-                                                  kind.image_tokens(cfg, tok))]
-    batch = make_objective(cfg, kind).make_batch(pack(samples, 512, shuffle=False))
+                                                  images=kind.image_tokens(cfg, tok))]
+    batch = make_objective(cfg, kind=kind).make_batch(pack(samples, 512, shuffle=False))
     seen = {}
 
     def grab(module, args, kwargs):
@@ -117,7 +117,7 @@ def test_image_tokens_never_carry_loss_and_samples_keep_their_images(parts):
     kind = model_kind(cfg)
     tok = kind.load_tokenizer(cfg)
     images = kind.image_tokens(cfg, tok)
-    enc = encode_many(two_conversations(parts["images"]), tok, get_template("chatml", tok), 512, images)
+    enc = encode_many(two_conversations(parts["images"]), tok, get_template("chatml", tok), 512, images=images)
     for e, refs in zip(enc, ([parts["images"][0]], parts["images"][1:])):
         sample = e.samples[0]
         at = [i for i, t in enumerate(sample["input_ids"]) if t == images.image_token_id]

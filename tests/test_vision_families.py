@@ -98,8 +98,8 @@ def test_packed_forward_equals_the_family_forward(tmp_path, family):
                           images=images[:1]),
              Conversation([Message("user", "<image>\nand <image>\nSame?"), Message("assistant", "No.")],
                           images=images[1:])]
-    samples = [e.samples[0] for e in encode_many(convs, tok, template, 1024, kind.image_tokens(cfg, tok))]
-    batch = make_objective(cfg, kind).make_batch(pack(samples, 1024, shuffle=False))
+    samples = [e.samples[0] for e in encode_many(convs, tok, template, 1024, images=kind.image_tokens(cfg, tok))]
+    batch = make_objective(cfg, kind=kind).make_batch(pack(samples, 1024, shuffle=False))
     with torch.no_grad():
         packed = Forward(kind=kind)(model, batch).logits[0]
 

@@ -24,15 +24,26 @@ def _add_cfg_options(p: argparse.ArgumentParser) -> None:
     )
 
 
-def _add_model_args(p: argparse.ArgumentParser) -> None:
+def _add_model_args(p: argparse.ArgumentParser, several_adapters: bool = False) -> None:
     p.add_argument("model", help="HF folder, hub id, .gguf file, a training work dir, or 'smollm2-135m-instruct'")
-    p.add_argument("--adapter", help="a LoRA adapter folder to apply on top of MODEL")
+    if several_adapters:
+        p.add_argument("--adapter", action="append", metavar="[NAME=]DIR",
+                       help="a LoRA adapter on MODEL; NAME=DIR (repeatable) serves each adapter under its NAME "
+                       "next to the base, chosen by the request's 'model'")
+    else:
+        p.add_argument("--adapter", help="a LoRA adapter folder to apply on top of MODEL")
     p.add_argument("--prompt-template", default=None,
                    help="template name, or 'auto' (default: what the model folder says)")
     p.add_argument("--system", default=None, help="system prompt")
     p.add_argument("--bits", type=int, choices=[4, 8], default=None, help="load quantized (bitsandbytes)")
     p.add_argument("--device", default="auto")
     p.add_argument("--trust-remote-code", action="store_true")
+
+
+def _add_batching_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-batch", type=int, default=64, help="most requests decoded together (default 64)")
+    p.add_argument("--kv-memory", type=float, default=None, metavar="GB",
+                   help="memory the batch's KV cache may use (default: 80%% of free GPU memory, half the free RAM)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
@@ -111,16 +122,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share-name", "--title", dest="title", default=None, help="page title")
+    _add_batching_args(p)
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP API")
-    _add_model_args(p)
+    _add_model_args(p, several_adapters=True)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("LMTUNE_API_KEY"))
-    p.add_argument("--max-concurrency", type=int, default=8)
+    _add_batching_args(p)
+    p.add_argument("--max-queue", "--max-concurrency", dest="max_queue", type=int, default=512,
+                   help="requests in flight (running + waiting) beyond which new ones get 429 (default 512)")
     p.add_argument("--model-name", default=None, help="the id the API reports (default: the folder name)")
 
-    p = sub.add_parser("export", help="export app: a self-contained deployable chat app folder")
+    p = sub.add_parser("export", help="export app (a deployable chat app folder) or gguf (one GGUF file)")
     esub = p.add_subparsers(dest="export_command", metavar="KIND")
     e = esub.add_parser("app", help="model + app.py + requirements.txt, runs with `python app.py`")
     e.add_argument("model")
@@ -129,9 +143,16 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--title", default=None)
     e.add_argument("--max-shard-size", default="2GB")
     e.add_argument("--overwrite", action="store_true", help=OVERWRITE_DIR_HELP)
+    e = esub.add_parser("gguf", help="one GGUF file for llama.cpp / Ollama (Llama-family models)")
+    e.add_argument("model")
+    e.add_argument("out", metavar="OUT.gguf")
+    e.add_argument("--outtype", choices=["f16", "q8_0"], default="f16")
+    e.add_argument("--adapter", default=None, help="a LoRA adapter merged into MODEL first")
+    e.add_argument("--overwrite", action="store_true", help="replace OUT.gguf if it exists")
+    e.add_argument("--trust-remote-code", action="store_true")
 
     # ---- data
-    p = sub.add_parser("data", help="make, rewrite, check and show training data")
+    p = sub.add_parser("data", help="make, rewrite, prepare, check and show training data")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION")
     d = dsub.add_parser("self-cognition", help="make diverse identity conversations (openai JSONL)")
     d.add_argument("--name", required=True, help="the assistant's name")
@@ -147,6 +168,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--old", required=True)
     d.add_argument("--new", required=True)
     d.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (also OUTPUT = INPUT)")
+    d = dsub.add_parser("prepare", help="encode a config's data into the on-disk token store ahead of training "
+                                        "(resumes an interrupted preparation; `train` then reuses it)")
+    d.add_argument("config")
+    _add_cfg_options(d)
     d = dsub.add_parser("check", help="validate every record of a config's data and report statistics")
     d.add_argument("config")
     _add_cfg_options(d)
@@ -235,6 +260,12 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             export_app(args.model, args.out_dir, adapter=args.adapter, title=args.title,
                        max_shard_size=args.max_shard_size, overwrite=args.overwrite)
             return 0
+        if args.export_command == "gguf":
+            from lmtune.export.gguf import export_gguf
+
+            export_gguf(args.model, args.out, outtype=args.outtype, adapter=args.adapter, overwrite=args.overwrite,
+                        trust_remote_code=args.trust_remote_code)
+            return 0
         parser.parse_args(["export", "--help"])
     if cmd == "data":
         from lmtune.data import tools
@@ -248,6 +279,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             n = tools.replace_in_file(args.input, args.output, old=args.old, new=args.new, overwrite=args.overwrite)
             print(f"replaced {n} occurrence(s) of {args.old!r}; wrote {args.output}")
             return 0
+        if args.data_command == "prepare":
+            return tools.prepare_command(_load_cfg(args))
         if args.data_command == "check":
             return tools.check_command(_load_cfg(args))
         if args.data_command == "show":

@@ -23,7 +23,6 @@ Every problem is a `UserError` whose `where` is "file:line" (for parquet "file:r
 from __future__ import annotations
 
 import csv
-import io
 import json
 import os
 import re
@@ -78,44 +77,90 @@ def _json_error(e: json.JSONDecodeError) -> str:
 
 
 def read_records(path: Path) -> Iterator[tuple[dict, str]]:
-    """Yield (record, "file:line") for every record of one file."""
+    """Yield (record, "file:line") for every record of one file, streaming: a .jsonl, .csv or
+    .parquet file is never read whole (a .json list is: use .jsonl for very large data)."""
+    for rec, where, _ in _records_with_skip(path):
+        yield rec, where
+
+
+def _records_with_skip(path: Path, skip: int = 0) -> Iterator[tuple[dict, str, int]]:
+    """(record, where, index) for the records of one file from the `skip`-th on; the records
+    before are passed over without decoding where the file type allows (.jsonl: not parsed)."""
     suffix = path.suffix.lower()
     if suffix == ".parquet":
-        yield from _read_parquet(path)
-        return
-    text = _decode(path.read_bytes(), path)
-    if suffix == ".csv":
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        for row in reader:
-            yield dict(row), f"{path}:{reader.line_num}"
-        return
-    if suffix == ".json" and text.lstrip().startswith("["):
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            raise UserError(_json_error(e), where=f"{path}:{e.lineno}") from None
-        # Line numbers of each top-level record, so later errors can point into the file (a scan in
-        # Python: for very large files records are named by index instead).
-        starts = _top_level_object_lines(text) if len(text) < 20_000_000 else []
-        for i, rec in enumerate(data):
-            where = f"{path}:{starts[i]}" if i < len(starts) else f"{path}:[{i}]"
+        yield from _read_parquet(path, skip)
+    elif suffix == ".csv":
+        yield from _read_csv(path, skip)
+    elif suffix == ".json" and _starts_with_bracket(path):
+        yield from _read_json_list(path, skip)
+    else:  # .jsonl (and a .json file that holds one object per line)
+        yield from _read_jsonl(path, skip)
+
+
+def _starts_with_bracket(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(4096)
+    return head.removeprefix(b"\xef\xbb\xbf").lstrip().startswith(b"[")
+
+
+def _read_jsonl(path: Path, skip: int) -> Iterator[tuple[dict, str, int]]:
+    # Split on b"\n" only: str.splitlines() would also split inside strings at U+2028 and friends.
+    index, offset = 0, 0
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            start, offset = offset, offset + len(raw)
+            if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                raw, start = raw[3:], start + 3
+            if not raw.strip():
+                continue
+            index += 1
+            if index <= skip:
+                continue
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise UserError(
+                    f"the file is not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte offset {start + e.start})",
+                    where=f"{path}:{lineno}", hint=_UTF8_HINT,
+                ) from None
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise UserError(_json_error(e), where=f"{path}:{lineno}",
+                                hint="each line of a .jsonl file must be one complete JSON object") from None
             if not isinstance(rec, dict):
-                raise UserError(f"record {i} is a {type(rec).__name__}, expected a JSON object", where=where)
-            yield rec, where
-        return
-    # .jsonl (and a .json file that holds one object per line)
-    # split on \n only: str.splitlines() would also split inside strings at U+2028 and friends
-    for lineno, line in enumerate(text.split("\n"), 1):
-        if not line.strip():
-            continue
-        try:
-            rec = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise UserError(_json_error(e), where=f"{path}:{lineno}",
-                            hint="each line of a .jsonl file must be one complete JSON object") from None
+                raise UserError(f"expected a JSON object, got a {type(rec).__name__}", where=f"{path}:{lineno}")
+            yield rec, f"{path}:{lineno}", index - 1
+
+
+def _read_csv(path: Path, skip: int) -> Iterator[tuple[dict, str, int]]:
+    try:
+        with open(path, encoding="utf-8-sig", newline="") as f:
+            reader = csv.DictReader(f)
+            for index, row in enumerate(reader):
+                if index >= skip:
+                    yield dict(row), f"{path}:{reader.line_num}", index
+    except UnicodeDecodeError:
+        _decode(path.read_bytes(), path)  # raises the error with the exact line and byte offset
+        raise
+
+
+def _read_json_list(path: Path, skip: int) -> Iterator[tuple[dict, str, int]]:
+    text = _decode(path.read_bytes(), path)
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise UserError(_json_error(e), where=f"{path}:{e.lineno}") from None
+    # Line numbers of each top-level record, so later errors can point into the file (a scan in
+    # Python: for very large files records are named by index instead).
+    starts = _top_level_object_lines(text) if len(text) < 20_000_000 else []
+    del text
+    for i in range(skip, len(data)):
+        rec = data[i]
+        where = f"{path}:{starts[i]}" if i < len(starts) else f"{path}:[{i}]"
         if not isinstance(rec, dict):
-            raise UserError(f"expected a JSON object, got a {type(rec).__name__}", where=f"{path}:{lineno}")
-        yield rec, f"{path}:{lineno}"
+            raise UserError(f"record {i} is a {type(rec).__name__}, expected a JSON object", where=where)
+        yield rec, where, i
 
 
 def _top_level_object_lines(text: str) -> list[int]:
@@ -145,15 +190,27 @@ def _top_level_object_lines(text: str) -> list[int]:
     return lines
 
 
-def _read_parquet(path: Path) -> Iterator[tuple[dict, str]]:
+def _read_parquet(path: Path, skip: int = 0) -> Iterator[tuple[dict, str, int]]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        pf = pq.ParquetFile(path)
     except Exception as e:  # pyarrow raises several types for broken files
         raise UserError(f"cannot read parquet file: {e}", where=str(path)) from None
-    for i, rec in enumerate(table.to_pylist()):
-        yield rec, f"{path}:row {i + 1}"
+    index = 0
+    try:
+        for batch in pf.iter_batches(batch_size=1024):
+            if index + batch.num_rows <= skip:
+                index += batch.num_rows
+                continue
+            for rec in batch.to_pylist():
+                if index >= skip:
+                    yield rec, f"{path}:row {index + 1}", index
+                index += 1
+    except UserError:
+        raise
+    except Exception as e:
+        raise UserError(f"cannot read parquet file: {e}", where=str(path)) from None
 
 
 # --------------------------------------------------------------------------- converters
@@ -378,9 +435,53 @@ def _resolve_images(conv: Conversation, folder: Path) -> Conversation:
     return conv
 
 
-def iter_conversations(path, format: str = "auto", errors: Optional[list] = None,
+def count_records(path: Path) -> int:
+    """How many records a file holds (.jsonl lines are counted, not parsed)."""
+    suffix = path.suffix.lower()
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        try:
+            return pq.ParquetFile(path).metadata.num_rows
+        except Exception as e:
+            raise UserError(f"cannot read parquet file: {e}", where=str(path)) from None
+    if suffix == ".csv" or (suffix == ".json" and _starts_with_bracket(path)):
+        return sum(1 for _ in _records_with_skip(path))
+    with open(path, "rb") as f:
+        return sum(1 for raw in f if raw.strip() and raw.strip() != b"\xef\xbb\xbf")
+
+
+def _conversations(records: Iterator, format: str, errors: Optional[list], first: Optional[tuple] = None,
+                   image_folder: Optional[Path] = None) -> Iterator[Conversation]:
+    """Convert (record, where, ...) tuples of one file; "auto" detects the format from the file's
+    first record (`first`, when the records start later in the file). Relative image paths start
+    from `image_folder`."""
+    fmt = None if format == "auto" else format
+    while True:
+        try:
+            rec, where, *_ = next(records)
+        except StopIteration:
+            return
+        except UserError as e:
+            # A file-level problem (bad bytes, bad JSON) ends that file.
+            if errors is None:
+                raise
+            errors.append(e)
+            return
+        try:
+            if fmt is None:
+                fmt = detect_format(*(first or (rec, where))[:2])
+            conv = CONVERTERS[fmt](rec, where)
+            yield _resolve_images(conv, image_folder) if conv.images else conv
+        except UserError as e:
+            if errors is None:
+                raise
+            errors.append(e)
+
+
+def iter_conversations(path, format: str = "auto", errors: Optional[list] = None, skip: int = 0,
                        image_folder: Optional[str] = None) -> Iterator[Conversation]:
-    """Yield the conversations of a file or folder.
+    """Yield the conversations of a file or folder, from the `skip`-th record on.
 
     With `errors` (a list), a bad record is appended there as a UserError and skipped instead of
     raised (used by `lmtune data check` to report every problem at once). Relative image paths
@@ -388,38 +489,23 @@ def iter_conversations(path, format: str = "auto", errors: Optional[list] = None
     """
     check_format(format)
     for file in list_files(path):
-        fmt = None if format == "auto" else format
-        records = read_records(file)
-        while True:
-            try:
-                rec, where = next(records)
-            except StopIteration:
-                break
-            except UserError as e:
-                # A file-level problem (bad bytes, bad JSON) ends that file.
-                if errors is None:
-                    raise
-                errors.append(e)
-                break
-            try:
-                if fmt is None:
-                    fmt = detect_format(rec, where)
-                conv = CONVERTERS[fmt](rec, where)
-                if conv.images:
-                    folder = Path(os.path.expanduser(image_folder)) if image_folder else file.parent
-                    conv = _resolve_images(conv, folder)
-                yield conv
-            except UserError as e:
-                if errors is None:
-                    raise
-                errors.append(e)
+        if skip:
+            n = count_records(file)
+            if skip >= n:
+                skip -= n
+                continue
+        first = next(_records_with_skip(file), None) if skip and format == "auto" else None
+        folder = Path(os.path.expanduser(image_folder)) if image_folder else file.parent
+        yield from _conversations(_records_with_skip(file, skip), format, errors, first, folder)
+        skip = 0
 
 
 def read_conversations(path, format: str = "auto", errors: Optional[list] = None,
                        image_folder: Optional[str] = None) -> list[Conversation]:
-    """All conversations of a file or folder; an empty result is an error naming the path."""
+    """All conversations of a file or folder (small data: tests and tools); an empty result is an
+    error naming the path."""
     n_errors = len(errors) if errors is not None else 0
-    convs = list(iter_conversations(path, format, errors, image_folder))
+    convs = list(iter_conversations(path, format, errors, image_folder=image_folder))
     if not convs and (errors is None or len(errors) == n_errors):
         raise UserError(f"the dataset '{path}' holds no records", where=str(path),
                         hint="check the file; an empty file or a folder of empty files trains nothing")

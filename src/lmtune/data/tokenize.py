@@ -181,6 +181,8 @@ def _encode_chat(segs: list[Segment], ids: list[int], spans: list, max_length: i
 
 
 def _encode_pretrain_ids(ids: list[int], eos_id: Optional[int], max_length: int) -> Encoded:
+    """A document as samples of at most max_length tokens: a longer one is split, never dropped
+    (each piece attends only within itself: its positions restart at 0 in a packed row)."""
     if eos_id is not None and (not ids or ids[-1] != eos_id):
         ids = ids + [eos_id]
     samples = []
@@ -212,10 +214,23 @@ def _image_messages(conv: Conversation, template: ChatTemplate, images: Optional
             for m in conv.messages]
 
 
+def _token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of plain texts with the tokenizer's own special tokens (e.g. a BOS): the fast
+    backend's batch call without offsets where there is one (what `tokenizer(texts)` does, less
+    the per-token Python objects), else the tokenizer itself."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is not None and hasattr(backend, "encode_batch_fast"):
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=True)]
+    return tokenizer(texts, add_special_tokens=True)["input_ids"]
+
+
 def encode_many(convs: list[Conversation], tokenizer, template: ChatTemplate, max_length: int,
-                images: Optional[ImageTokens] = None) -> list[Encoded]:
-    """Encode a batch of conversations (one batched call into the fast tokenizer). `images`: the
-    model's image tokens, for conversations with images."""
+                add_eos: bool = True, images: Optional[ImageTokens] = None) -> list[Encoded]:
+    """Encode a batch of conversations (one batched call into the fast tokenizer).
+
+    `add_eos`: end every plain (pretraining) text with the EOS token, so documents stay apart.
+    `images`: the model's image tokens, for conversations with images (a vision-language model).
+    """
     results: list[Optional[Encoded]] = [None] * len(convs)
     chat_idx, texts, segs_list = [], [], []
     pre_idx, pre_texts = [], []
@@ -236,15 +251,15 @@ def encode_many(convs: list[Conversation], tokenizer, template: ChatTemplate, ma
             results[i] = _with_images(_encode_chat(segs, ids, spans, max_length), convs[i], ranges)
     if pre_idx:
         # Plain text: the tokenizer's own special tokens (e.g. a BOS) + EOS; every token trains.
-        enc = tokenizer(pre_texts, add_special_tokens=True)["input_ids"]
-        for i, ids in zip(pre_idx, enc):
-            results[i] = _encode_pretrain_ids(list(ids), tokenizer.eos_token_id, max_length)
+        eos = tokenizer.eos_token_id if add_eos else None
+        for i, ids in zip(pre_idx, _token_ids(tokenizer, pre_texts)):
+            results[i] = _encode_pretrain_ids(list(ids), eos, max_length)
     return results  # type: ignore[return-value]
 
 
 def encode_conversation(conv: Conversation, tokenizer, template: ChatTemplate, max_length: int,
                         images: Optional[ImageTokens] = None) -> Encoded:
-    return encode_many([conv], tokenizer, template, max_length, images)[0]
+    return encode_many([conv], tokenizer, template, max_length, images=images)[0]
 
 
 def encode(conv: Conversation, tokenizer, template: ChatTemplate, max_length: int) -> Optional[dict]:

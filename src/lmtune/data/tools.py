@@ -1,4 +1,4 @@
-"""The `lmtune data` commands: self-cognition, replace, check, show."""
+"""The `lmtune data` commands: self-cognition, replace, prepare, check, show."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from typing import Any
 
 from lmtune.atomic import check_out_file, write_text_atomic
 from lmtune.data import self_cognition_train_phrases as P
+from lmtune.data.report import MASK_CLOSE, MASK_OPEN, histogram, masked_text  # noqa: F401 (used by data show/check)
+from lmtune.data.tokenize import IGNORE_INDEX
 from lmtune.errors import UserError
 
-MASK_OPEN, MASK_CLOSE = "[[", "]]"  # `data show --show masked_text` wraps text without loss in these
 
 
 # --------------------------------------------------------------------------- self-cognition
@@ -137,73 +138,66 @@ def _load(cfg):
     return tokenizer, get_template(cfg.prompt_template, tokenizer)
 
 
-def check_images(convs: list, errors: list) -> list:
-    """The conversations whose images all decode; every bad image becomes an error naming the
-    record (file:line). Each image is decoded once, however often it is used."""
+def check_images(cfg, errors: list) -> tuple[int, int]:
+    """Decode every image the config's data names; each unreadable one becomes an error naming its
+    record (file:line). Returns (distinct images, images named). Each image is decoded once."""
     from lmtune.data.images import check_image
+    from lmtune.data.prepare import iter_source
 
     seen: dict[str, str | None] = {}
-    good = []
-    for conv in convs:
-        bad = None
-        for ref in conv.images:
-            if ref not in seen:
-                seen[ref] = check_image(ref)
-            if seen[ref] is not None:
-                name = f"{ref[:40]}…" if ref.startswith("data:") else ref
-                bad = UserError(f"image '{name}' cannot be read: {seen[ref]}", where=conv.source or None,
-                                hint="replace the file, or remove the record")
-                break
-        if bad is None:
-            good.append(conv)
-        elif str(bad) not in {str(e) for e in errors[-20:]}:  # a repeated source reports once
-            errors.append(bad)
-    return good
+    named = 0
+    for i, entry in enumerate(cfg.datasets):
+        for conv in iter_source(entry, cfg.data_format, f"datasets[{i}]", errors=[]):  # (read errors: reported below)
+            named += len(conv.images)
+            for ref in conv.images:
+                if ref not in seen:
+                    seen[ref] = check_image(ref)
+                if seen[ref] is not None:
+                    name = f"{ref[:40]}…" if ref.startswith("data:") else ref
+                    errors.append(UserError(f"image '{name}' cannot be read: {seen[ref]}", where=conv.source or None,
+                                            hint="replace the file, or remove the record"))
+                    break
+    return len(seen), named
 
 
-def histogram(lengths: list[int], max_length: int, buckets: int = 8, width: int = 40) -> str:
-    """A text histogram of token lengths, in equal buckets from 0 to max_length."""
-    if not lengths:
-        return "  (no samples)"
-    step = max(1, -(-max_length // buckets))
-    counts = [0] * buckets
-    for n in lengths:
-        counts[min((n - 1) // step, buckets - 1)] += 1
-    top = max(counts)
-    lines = []
-    for b, c in enumerate(counts):
-        lo, hi = b * step + 1, min((b + 1) * step, max_length)
-        bar = "█" * (round(width * c / top) if top else 0)
-        lines.append(f"  {lo:>6}–{hi:<6} {c:>7}  {bar}")
-    return "\n".join(lines)
+def prepare_command(cfg) -> int:
+    """Build (or find) the token stores and rows of a config's data, ahead of training."""
+    from lmtune.data import preference
+    from lmtune.data.dataset import build_dataset
+
+    tokenizer, template = _load(cfg)
+    if preference.is_preference(cfg.objective):  # pairs are encoded and cached as training does
+        data = preference.build_preference_dataset(cfg, tokenizer, template, True)
+        print(f"data: {len(data.rows)} rows of preference pairs; cached at {data.stats.get('cache_path')}")
+        return 0
+    data = build_dataset(cfg, tokenizer, template, verify=True)  # an existing store is hashed in full
+    st = data.stats
+    print(f"data: {st['conversations']} conversations -> {st['samples']} samples, {st['tokens']} tokens "
+          f"({st['loss_tokens']} carry loss) -> {st['rows']} rows"
+          + (f" ({'packed' if data.packed else 'unpacked'}, max_length {cfg.max_length})"))
+    if data.val_rows is not None:
+        v = st["val"]
+        print(f"validation: {v['conversations']} conversations, {v['tokens']} tokens, {v['rows']} rows")
+    print(f"store: {st['cache_path']} ({'already prepared' if st['cache'] == 'hit' else 'prepared now'}); "
+          "`lmtune train` with this config uses it as it is")
+    return 0
 
 
 def check_command(cfg) -> int:
-    """Validate every record of the config's data and print statistics; 0 if fine, 2 if not."""
-    from lmtune.data.dataset import encode_all, load_conversations, summarize
-    from lmtune.data.tokenize import pack
+    """Validate every record of the config's data and print statistics; 0 if fine, 2 if not.
 
-    from lmtune.data.dataset import image_tokens_for
+    The data is encoded into token stores as for training (with bad records skipped and reported);
+    stores of clean data go into the cache, so training reuses them."""
+    from lmtune.data import preference
+    from lmtune.data.dataset import build_dataset
 
     tokenizer, template = _load(cfg)
+    if preference.is_preference(cfg.objective):
+        return preference.check_command(cfg, tokenizer, template)
     errors: list[UserError] = []
-    convs, sources = load_conversations(cfg, template, errors)
-    images = image_tokens_for(cfg, tokenizer)
-    convs = check_images(convs, errors)
-    n_images = len({ref for c in convs for ref in c.images})
-    try:
-        encoded = encode_all(convs, tokenizer, template, cfg.max_length, cfg.num_proc, images)
-    except UserError:  # again one by one: report every bad record, check the rest
-        encoded = []
-        for conv in convs:
-            try:
-                encoded += encode_all([conv], tokenizer, template, cfg.max_length, 1, images)
-            except UserError as e:
-                errors.append(e)
-                encoded.append(None)
-        convs = [c for c, e in zip(convs, encoded) if e is not None]
-        encoded = [e for e in encoded if e is not None]
-    samples, stats = summarize(convs, encoded)
+    images = check_images(cfg, errors)
+    data = build_dataset(cfg, tokenizer, template, errors=errors)
+    stats, sources = data.stats, data.stats["sources"]
 
     print(f"template: {template.name}   stop words: {', '.join(template.stop_words)}   max_length: {cfg.max_length}")
     print("sources:")
@@ -224,61 +218,26 @@ def check_command(cfg) -> int:
     print(f"truncated: {stats['truncated']} (a trained turn or part of one was cut to fit max_length)")
     share = stats["loss_tokens"] / stats["tokens"] if stats["tokens"] else 0.0
     print(f"tokens: {stats['tokens']}, carrying loss: {stats['loss_tokens']} ({share:.1%})")
-    if n_images:
-        image_tokens = sum(1 for s in samples for t in s["input_ids"] if t == images.image_token_id)
-        print(f"images: {n_images} distinct, {sum(len(s.get('images', ())) for s in samples)} in samples; "
-              f"{image_tokens} image tokens (counted in the lengths below)")
-    if samples and cfg.pack_to_max_length:
-        rows = pack(samples, cfg.max_length, cfg.shuffle_before_pack, cfg.seed)
-        fill = stats["tokens"] / (len(rows) * cfg.max_length)
-        print(f"packed: {len(rows)} rows of {cfg.max_length} tokens, {fill:.1%} full")
+    if images[1]:
+        from lmtune.data.kinds import image_tokens
+
+        image_id = image_tokens(cfg, tokenizer).image_token_id
+        in_rows = [data.rows[i] for i in range(len(data.rows))]
+        n_tokens = sum(sum(1 for t in r["input_ids"] if t == image_id) for r in in_rows)
+        print(f"images: {images[0]} distinct, {sum(len(r.get('images', ())) for r in in_rows)} in samples; "
+              f"{n_tokens} image tokens (counted in the lengths below)")
+    if stats["samples"] and cfg.pack_to_max_length:
+        fill = stats["tokens"] / (stats["rows"] * cfg.max_length)
+        print(f"packed: {stats['rows']} rows of {cfg.max_length} tokens, {fill:.1%} full")
+    if "val" in stats:
+        v = stats["val"]
+        print(f"validation: {v['conversations']} conversations, {v['samples']} samples, {v['tokens']} tokens")
     print("token length histogram:")
-    print(histogram(stats["lengths"], cfg.max_length))
-    if errors or not samples:
+    print(histogram(data.sample_lengths(), cfg.max_length))
+    if errors or not stats["samples"]:
         print("data check: PROBLEMS FOUND" if errors else "data check: no usable samples")
         return 2
     print("data check: OK")
-    return 0
-
-
-def show_command(cfg, mode: str = "masked_text", n: int = 2) -> int:
-    """Print the first `n` samples after mixing as the trainer sees them.
-
-    masked_text prints the decoded text with every part that carries NO loss wrapped in [[ ]], so
-    what is outside the brackets is exactly what the model is trained to produce.
-    """
-    from lmtune.data.dataset import load_conversations
-    from lmtune.data.tokenize import IGNORE_INDEX, encode_conversation
-
-    if mode not in ("text", "masked_text", "input_ids", "labels"):
-        raise UserError(f"unknown --show mode '{mode}'", hint="use text, masked_text, input_ids or labels")
-    from lmtune.data.dataset import image_tokens_for
-
-    tokenizer, template = _load(cfg)
-    convs, _ = load_conversations(cfg, template)
-    images = image_tokens_for(cfg, tokenizer)
-    shown = 0
-    for conv in convs:
-        if shown >= n:
-            break
-        enc = encode_conversation(conv, tokenizer, template, cfg.max_length, images)
-        if enc.skipped:
-            print(f"=== {conv.source}: skipped ({enc.skipped})")
-            continue
-        for sample in enc.samples[: n - shown]:
-            ids, labels = sample["input_ids"], sample["labels"]
-            k = sum(1 for x in labels if x != IGNORE_INDEX)
-            print(f"=== sample {shown + 1} ({conv.source}): {len(ids)} tokens, {k} carry loss"
-                  + (", truncated" if enc.truncated else "") + " ===")
-            if mode == "text":
-                print(tokenizer.decode(ids))
-            elif mode == "input_ids":
-                print(ids)
-            elif mode == "labels":
-                print(labels)
-            else:
-                print(_runs_of_images(masked_text(ids, labels, tokenizer)))
-            shown += 1
     return 0
 
 
@@ -289,14 +248,36 @@ def _runs_of_images(text: str) -> str:
     return re.sub(r"(?:<image>){2,}", lambda m: f"<image>×{len(m.group(0)) // len('<image>')}", text)
 
 
-def masked_text(ids: list[int], labels: list[int], tokenizer) -> str:
-    """Decoded text with the spans that carry no loss wrapped in [[ ]]."""
-    from lmtune.data.tokenize import IGNORE_INDEX
+def show_command(cfg, mode: str = "masked_text", n: int = 2) -> int:
+    """Print the first `n` samples in training order (before packing), as the trainer sees them.
 
-    out, start = [], 0
-    for i in range(1, len(ids) + 1):
-        if i == len(ids) or (labels[i] == IGNORE_INDEX) != (labels[start] == IGNORE_INDEX):
-            text = tokenizer.decode(ids[start:i])
-            out.append(f"{MASK_OPEN}{text}{MASK_CLOSE}" if labels[start] == IGNORE_INDEX else text)
-            start = i
-    return "".join(out)
+    masked_text prints the decoded text with every part that carries NO loss wrapped in [[ ]], so
+    what is outside the brackets is exactly what the model is trained to produce.
+    """
+    from lmtune.data.dataset import build_dataset
+
+    if mode not in ("text", "masked_text", "input_ids", "labels"):
+        raise UserError(f"unknown --show mode '{mode}'", hint="use text, masked_text, input_ids or labels")
+    tokenizer, template = _load(cfg)
+    from lmtune.data import preference
+
+    if preference.is_preference(cfg.objective):
+        return preference.show_command(cfg, tokenizer, template, mode, n)
+    data = build_dataset(cfg, tokenizer, template)
+    for shown, sample in enumerate(data.samples_in_order(n)):
+        ids, labels = sample["input_ids"], sample["labels"]
+        k = sum(1 for x in labels if x != IGNORE_INDEX)
+        print(f"=== sample {shown + 1} ({sample['source']}): {len(ids)} tokens, {k} carry loss"
+              + (", truncated" if sample["truncated"] else "") + " ===")
+        if mode == "text":
+            print(tokenizer.decode(ids))
+        elif mode == "input_ids":
+            print(ids)
+        elif mode == "labels":
+            print(labels)
+        else:
+            print(_runs_of_images(masked_text(ids, labels, tokenizer)))
+    for ex in data.stats["skipped_examples"][:n]:
+        print(f"=== {ex['source']}: skipped ({ex['reason']})")
+    return 0
+

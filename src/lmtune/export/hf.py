@@ -59,7 +59,7 @@ def _write_meta(folder: Path, cfg, template) -> None:
 def _generation_config(model, tokenizer, template):
     from lmtune.models.generation import stop_token_ids
 
-    gen = model.generation_config
+    gen = getattr(model, "generation_config", None)  # None for a reward model (it does not generate)
     stops = stop_token_ids(tokenizer, template.stop_words if template is not None else [])
     if gen is not None and stops:
         gen.eos_token_id = stops if len(stops) > 1 else stops[0]
@@ -163,7 +163,7 @@ def pth_to_hf(config: str | None, checkpoint: str, out: str, fp32: bool = False,
     else:
         tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
         model = load_model(cfg.model, dtype="float32" if fp32 else "auto", trust_remote_code=cfg.trust_remote_code,
-                           allow_pickle=cfg.allow_pickle)
+                           allow_pickle=cfg.allow_pickle, head=kind.head)
     template = get_template(cfg.prompt_template, tokenizer)
     if cfg.method == "lora":
         model = kind.add_lora(model, cfg)
@@ -259,7 +259,10 @@ def merge(base: str, adapter: str, out: str, max_shard_size: str = "2GB", save_f
         raise UserError(f"'{adapter}' is not a LoRA adapter folder (no adapter_config.json)")
     check_not_input(out, base=base, adapter=adapter_dir)
     check_hf_out(out, overwrite)  # before the slow loading
-    model = load_model(base, dtype="auto", trust_remote_code=trust_remote_code)
+    # A reward model's adapter (peft task SEQ_CLS) goes on the base loaded as a sequence classifier.
+    task = json.loads((adapter_dir / "adapter_config.json").read_text()).get("task_type")
+    model = load_model(base, dtype="auto", trust_remote_code=trust_remote_code,
+                       head="score" if task == "SEQ_CLS" else "lm")
     check_adapter_fits(model, adapter_dir)
     model = PeftModel.from_pretrained(model, str(adapter_dir))
     merged = model.merge_and_unload()

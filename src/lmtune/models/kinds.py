@@ -1,6 +1,8 @@
 """Model kinds: how a kind of model is loaded, where LoRA goes and how a flat batch is fed to it.
 
     causal_lm         a decoder-only language model (AutoModelForCausalLM, InternLM2 via our mapping)
+    reward            the same backbone with a scalar head (AutoModelForSequenceClassification, one
+                      label): objective "reward"; exported as a sequence-classification folder
     vision_language   a LLaVA composed from a causal LM + a vision tower, or an existing
                       vision-language model (models/vision.py)
 
@@ -17,6 +19,7 @@ import torch
 class CausalLM:
     name = "causal_lm"
     peft_task_type = "CAUSAL_LM"
+    head = "lm"  # what load_model puts on the backbone
 
     def load_tokenizer(self, cfg):
         from lmtune.models.loader import load_tokenizer
@@ -35,6 +38,7 @@ class CausalLM:
             cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle,
             quantization=cfg.quantization, device=str(device) if cfg.quantization != "none" else None,
             attn_implementation=None if cfg.attn_implementation == "auto" else cfg.attn_implementation,
+            head=self.head,
         )
 
     def lora_targets(self, cfg, model):
@@ -62,11 +66,25 @@ class CausalLM:
         return {}
 
 
+class RewardModel(CausalLM):
+    name = "reward"
+    peft_task_type = "SEQ_CLS"  # peft then also trains and saves the new `score` head
+    head = "score"
+
+    def load(self, cfg, device: torch.device):
+        model = super().load(cfg, device)
+        if cfg.quantization != "none":
+            model.score.float()  # the new head trains in full precision next to the 4/8-bit body
+        return model
+
+
 def model_kind(cfg):
-    """The kind of `cfg.model`: vision-language when a vision tower is composed with it or its
-    config is an image-text-to-text model, else a causal LM."""
+    """The kind of `cfg.model`: a reward model for objective "reward"; vision-language when a vision
+    tower is composed with it or its config is an image-text-to-text model; else a causal LM."""
     from lmtune.models import vision
 
+    if cfg.objective == "reward":
+        return RewardModel()
     if cfg.vision_tower or vision.is_vision_language(vision.read_model_config(cfg.model)):
         return vision.VisionLanguage(cfg)
     return CausalLM()

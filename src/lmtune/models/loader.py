@@ -237,10 +237,14 @@ def load_model(
     attn_implementation: str | None = None,
     adapter: str | None = None,
     adapter_trainable: bool = False,
+    head: str = "lm",
 ):
     """Load a causal LM or a vision-language model (AutoModelForImageTextToText), optionally
-    quantized, optionally with a LoRA adapter on top."""
-    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText
+    quantized, optionally with a LoRA adapter on top.
+
+    head = "score": the same checkpoint as a sequence classifier with one output (a reward model:
+    the language-model backbone plus a new scalar head)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSequenceClassification
 
     path = resolve_model_path(name_or_path)
     # A folder holding only an adapter: load its base, then the adapter.
@@ -250,7 +254,7 @@ def load_model(
         base = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
         return load_model(base, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                           quantization=quantization, device=device, attn_implementation=attn_implementation,
-                          adapter=path, adapter_trainable=adapter_trainable)
+                          adapter=path, adapter_trainable=adapter_trainable, head=head)
     if Path(path).is_dir():
         _check_weights_present(Path(path), allow_pickle)
     dt = torch_dtype(dtype)
@@ -270,13 +274,19 @@ def load_model(
         from lmtune.models.internlm2 import internlm2_folder, load_internlm2
 
         il_dir = internlm2_folder(path)
+    if il_dir and head != "lm":
+        raise UserError("reward models on InternLM2-layout checkpoints are not supported",
+                        hint="convert the checkpoint to the Llama layout first (`lmtune convert pth_to_hf`)")
     if il_dir:
         model = load_internlm2(il_dir, dtype=dt, device_map=kwargs.get("device_map"), quantization_config=qconfig,
                                allow_pickle=allow_pickle, attn_implementation=kwargs.get("attn_implementation"))
     else:
         auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
         try:
-            model = auto.from_pretrained(path, **kwargs)
+            if head == "score":
+                model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
+            else:
+                model = auto.from_pretrained(path, **kwargs)
         except ValueError as e:
             if "trust_remote_code" in str(e):
                 raise UserError(

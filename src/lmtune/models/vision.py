@@ -267,6 +267,7 @@ class VisionLanguage:
     inputs), plus what images need (image_tokens, vision_inputs)."""
 
     name = "vision_language"
+    head = "lm"
 
     def __init__(self, cfg):
         self.composed = bool(cfg.vision_tower)

@@ -4,8 +4,10 @@ Routes: GET /v1/models, GET /v1/models/{id}, POST /v1/chat/completions, POST /v1
 GET /health. Streaming answers are server-sent events in OpenAI's chunk shape, ending with
 `data: [DONE]`. Every error has OpenAI's body: {"error": {"message", "type", "param", "code"}}.
 
-Requests run one at a time on the engine's worker (queued in arrival order, streams never mix);
-more than --max-concurrency requests in flight (running + queued) get 429 instead of piling up.
+Requests are batched by the engine (continuous batching: up to --max-batch decode together, the
+rest wait in a queue); beyond --max-queue requests in flight (running + waiting) a new one gets
+429 with Retry-After instead of piling up. With several adapters the request's `model` picks the
+base (by its own name) or an adapter (by its NAME); /v1/models lists them all.
 """
 
 
@@ -17,6 +19,9 @@ import time
 import uuid
 
 from lmtune.errors import UserError
+
+# Real requests nest a few levels (messages -> content parts); far deeper bodies are attacks or bugs.
+MAX_JSON_DEPTH = 32
 
 
 class APIError(Exception):
@@ -69,6 +74,29 @@ def _stop(body: dict) -> list[str]:
     if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop) or len(stop) > 4:
         raise _bad("'stop' must be a string or a list of at most 4 strings", "stop", "invalid_type")
     return [s for s in stop if s]
+
+
+def _depth_exceeds(value, limit: int) -> bool:
+    """Whether a parsed JSON value nests deeper than `limit` (iterative: no recursion to overflow)."""
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((c, depth + 1) for c in (v.values() if isinstance(v, dict) else v))
+    return False
+
+
+def _response_format(body: dict) -> None:
+    fmt = body.get("response_format")
+    if fmt is None:
+        return
+    if not isinstance(fmt, dict) or not isinstance(fmt.get("type"), str):
+        raise _bad("'response_format' must be an object with a 'type'", "response_format", "invalid_type")
+    if fmt["type"] != "text":
+        raise _bad(f"response_format type {json.dumps(fmt['type'])} is not supported by this server; only "
+                   "'text' is (it does not constrain answers to JSON)", "response_format", "unsupported_parameter")
 
 
 def _sampling(body: dict, default_max_tokens: int) -> dict:
@@ -161,7 +189,7 @@ def _sse(obj) -> str:
     return f"data: {json.dumps(obj, ensure_ascii=False)}\n\n"
 
 
-def create_app(engine, *, api_key: str | None = None, max_concurrency: int = 8,
+def create_app(engine, *, api_key: str | None = None, max_queue: int = 512,
                default_max_tokens: int = 512):
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
@@ -175,9 +203,13 @@ def create_app(engine, *, api_key: str | None = None, max_concurrency: int = 8,
     state = {"in_flight": 0}
     created = int(time.time())
     model_id = engine.model_name
+    names = engine.model_names
 
-    def model_card() -> dict:
-        return {"id": model_id, "object": "model", "created": created, "owned_by": "lmtune"}
+    def model_card(name: str) -> dict:
+        card = {"id": name, "object": "model", "created": created, "owned_by": "lmtune"}
+        if name != model_id:
+            card["parent"] = model_id  # an adapter on the base (as vLLM reports LoRA modules)
+        return card
 
     @app.exception_handler(APIError)
     async def _api_error(request, exc: APIError):
@@ -191,8 +223,10 @@ def create_app(engine, *, api_key: str | None = None, max_concurrency: int = 8,
 
     @app.exception_handler(Exception)
     async def _server_error(request, exc):
+        # The details go to the server's log, not to the client: they are ours, not the user's to act on.
         print(f"[lmtune] request failed: {exc!r}", file=sys.stderr)
-        return JSONResponse(APIError(500, f"internal error: {exc}", "server_error").body(), status_code=500)
+        return JSONResponse(APIError(500, "the server failed to answer this request; see its log",
+                                     "server_error").body(), status_code=500)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request, exc):
@@ -213,6 +247,13 @@ def create_app(engine, *, api_key: str | None = None, max_concurrency: int = 8,
             body = json.loads(raw)
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise _bad(f"the request body is not valid JSON: {e}", None, "invalid_json") from None
+        except RecursionError:  # nesting deeper than the parser's stack
+            body = too_deep = True
+        else:
+            too_deep = _depth_exceeds(body, MAX_JSON_DEPTH)
+        if too_deep:
+            raise _bad(f"the request body nests objects or arrays more than {MAX_JSON_DEPTH} levels deep",
+                       None, "invalid_json")
         if not isinstance(body, dict):
             raise _bad("the request body must be a JSON object", None, "invalid_json")
         model = body.get("model")
@@ -222,15 +263,17 @@ def create_app(engine, *, api_key: str | None = None, max_concurrency: int = 8,
             raise _bad("'model' must be a string", "model", "invalid_type")
         return body
 
-    def check_model(body: dict) -> None:
-        if body["model"] != model_id:
-            raise APIError(404, f"the model '{body['model']}' does not exist; this server serves '{model_id}'",
+    def check_model(body: dict) -> str:
+        if body["model"] not in names:
+            served = ", ".join(f"'{n}'" for n in names)
+            raise APIError(404, f"the model '{body['model']}' does not exist; this server serves {served}",
                            "invalid_request_error", "model", "model_not_found")
+        return body["model"]
 
     def take_slot() -> _Slot:
-        if state["in_flight"] >= max_concurrency:
-            raise APIError(429, f"the server is busy ({state['in_flight']} requests in flight, the limit is "
-                                f"{max_concurrency}); retry shortly", "rate_limit_error", None,
+        if state["in_flight"] >= max_queue:
+            raise APIError(429, f"the server is busy ({state['in_flight']} requests in flight, the queue limit is "
+                                f"{max_queue}); retry shortly", "rate_limit_error", None,
                            "rate_limit_exceeded", headers={"Retry-After": "1"})
         return _Slot(state)
 
@@ -250,20 +293,21 @@ def create_app(engine, *, api_key: str | None = None, max_concurrency: int = 8,
 
     @app.get("/health")
     async def health():
-        return {"status": "ok", "model": model_id, "in_flight": state["in_flight"]}
+        return {"status": "ok", "model": model_id, "models": names, "in_flight": state["in_flight"],
+                "running": engine.scheduler.running(), "waiting": engine.pending()}
 
     @app.get("/v1/models")
     async def list_models(request: Request):
         check_auth(request)
-        return {"object": "list", "data": [model_card()]}
+        return {"object": "list", "data": [model_card(n) for n in names]}
 
     @app.get("/v1/models/{name:path}")
     async def get_model(name: str, request: Request):
         check_auth(request)
-        if name != model_id:
+        if name not in names:
             raise APIError(404, f"the model '{name}' does not exist", "invalid_request_error", "model",
                            "model_not_found")
-        return model_card()
+        return model_card(name)
 
     async def complete(request: Request, chat: bool):
         check_auth(request)
@@ -275,15 +319,16 @@ def create_app(engine, *, api_key: str | None = None, max_concurrency: int = 8,
         include_usage = _bool(stream_options, "include_usage")
         if chat:
             messages = _messages(body)
+            _response_format(body)
             params = _sampling(body, default_max_tokens)
         else:
             prompt = _prompt(body)
             params = _sampling(body, 16)  # OpenAI's default for /v1/completions
-        check_model(body)
+        model = check_model(body)
         slot = take_slot()
         loop = asyncio.get_running_loop()
-        gen = start(slot, lambda: engine.stream(messages, loop=loop, **params) if chat
-                    else engine.stream_prompt(prompt, loop=loop, **params))
+        gen = start(slot, lambda: engine.stream(messages, model=model, loop=loop, **params) if chat
+                    else engine.stream_prompt(prompt, model=model, loop=loop, **params))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         now = int(time.time())
         obj = "chat.completion.chunk" if chat else "text_completion"
@@ -300,14 +345,14 @@ def create_app(engine, *, api_key: str | None = None, max_concurrency: int = 8,
             else:
                 choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": gen.finish_reason}
             return {"id": rid, "object": "chat.completion" if chat else "text_completion", "created": now,
-                    "model": model_id, "choices": [choice], "usage": usage(gen)}
+                    "model": model, "choices": [choice], "usage": usage(gen)}
 
         def chunk(delta_or_text, finish=None) -> dict:
             if chat:
                 choice = {"index": 0, "delta": delta_or_text, "logprobs": None, "finish_reason": finish}
             else:
                 choice = {"index": 0, "text": delta_or_text, "logprobs": None, "finish_reason": finish}
-            c = {"id": rid, "object": obj, "created": now, "model": model_id, "choices": [choice]}
+            c = {"id": rid, "object": obj, "created": now, "model": model, "choices": [choice]}
             if include_usage:
                 c["usage"] = None
             return c
@@ -320,7 +365,7 @@ def create_app(engine, *, api_key: str | None = None, max_concurrency: int = 8,
                     yield _sse(chunk({"content": piece} if chat else piece))
                 yield _sse(chunk({} if chat else "", gen.finish_reason))
                 if include_usage:
-                    yield _sse({"id": rid, "object": obj, "created": now, "model": model_id, "choices": [],
+                    yield _sse({"id": rid, "object": obj, "created": now, "model": model, "choices": [],
                                 "usage": usage(gen)})
                 yield "data: [DONE]\n\n"
             except Exception as e:  # headers are sent already: report in-band, OpenAI-style
@@ -353,15 +398,16 @@ def serve_command(args) -> int:
         raise UserError("`lmtune serve` needs fastapi and uvicorn", hint="pip install 'lmtune[serve]'") from None
     from lmtune.serve.chat import engine_from_args
 
-    if args.max_concurrency < 1:
-        raise UserError("--max-concurrency must be >= 1")
+    if args.max_queue < 1:
+        raise UserError("--max-queue must be >= 1")
     engine = engine_from_args(args)
-    app = create_app(engine, api_key=args.api_key, max_concurrency=args.max_concurrency,
+    app = create_app(engine, api_key=args.api_key, max_queue=args.max_queue,
                      default_max_tokens=getattr(args, "max_tokens_default", 512))
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"[lmtune] warning: serving on {args.host} without --api-key: anyone who can reach this "
               "port can use the model", file=sys.stderr)
-    print(f"[lmtune] serving '{engine.model_name}' at http://{args.host}:{args.port}/v1 "
-          f"(OpenAI-compatible; Ctrl-C stops)", file=sys.stderr, flush=True)
+    served = ", ".join(f"'{n}'" for n in engine.model_names)
+    print(f"[lmtune] serving {served} at http://{args.host}:{args.port}/v1 "
+          f"(OpenAI-compatible; batches up to {engine.scheduler.max_batch}; Ctrl-C stops)", file=sys.stderr, flush=True)
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
     return 0

@@ -8,6 +8,7 @@ stdin is not a terminal, each input line is one user turn and only the answers a
 from __future__ import annotations
 
 import sys
+from pathlib import Path
 
 from lmtune.errors import UserError
 
@@ -35,13 +36,54 @@ def sampling_kwargs(args) -> dict:
     return kw
 
 
+def parse_adapters(values) -> tuple[str | None, dict[str, str]]:
+    """`--adapter` values -> (one unnamed adapter, {name: folder}).
+
+    A lone `--adapter DIR` keeps its old meaning (the adapter is served under the model's name);
+    `NAME=DIR` (repeatable) serves each adapter under NAME next to the base."""
+    if values is None:
+        return None, {}
+    if isinstance(values, str):
+        values = [values]
+    named: dict[str, str] = {}
+    unnamed: list[str] = []
+    for v in values:
+        name, sep, folder = v.partition("=")
+        if not sep or Path(v).exists():  # a folder whose name holds '=' is still a folder
+            unnamed.append(v)
+            continue
+        if not name or not folder:
+            raise UserError(f"--adapter {v!r}: expected NAME=DIR or DIR")
+        if name in named:
+            raise UserError(f"--adapter: the name '{name}' is given twice")
+        named[name] = folder
+    if len(unnamed) == 1 and not named:
+        return unnamed[0], {}
+    for folder in unnamed:  # among named ones, an unnamed adapter is named after its folder
+        from lmtune.serve.engine import _default_model_name
+
+        name = _default_model_name(folder, folder)
+        if name in named:
+            raise UserError(f"--adapter {folder}: its folder name '{name}' is already an adapter name",
+                            hint="name it: --adapter NAME=DIR")
+        named[name] = folder
+    return None, named
+
+
 def engine_from_args(args):
     from lmtune.serve.engine import Engine
 
+    adapter, adapters = parse_adapters(args.adapter)
+    max_batch = getattr(args, "max_batch", None)
+    if max_batch is not None and max_batch < 1:
+        raise UserError("--max-batch must be >= 1")
+    kv_memory = getattr(args, "kv_memory", None)
+    if kv_memory is not None and kv_memory <= 0:
+        raise UserError("--kv-memory must be > 0 (GB)")
     return Engine.load(
-        args.model, adapter=args.adapter, prompt_template=args.prompt_template, system=args.system,
+        args.model, adapter=adapter, adapters=adapters, prompt_template=args.prompt_template, system=args.system,
         bits=args.bits, device=args.device, trust_remote_code=args.trust_remote_code,
-        model_name=getattr(args, "model_name", None),
+        model_name=getattr(args, "model_name", None), max_batch=max_batch, kv_memory_gb=kv_memory,
     )
 
 

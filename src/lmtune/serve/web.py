@@ -112,7 +112,9 @@ def web_command(args) -> int:
 
     engine = engine_from_args(args)
     demo = build_demo(engine, title=args.title)
-    demo.queue(default_concurrency_limit=16)
+    # Every open page streams at once: the engine batches them (up to --max-batch), so the page's
+    # queue need not hold anyone back.
+    demo.queue(default_concurrency_limit=max(16, engine.scheduler.max_batch))
     if args.host not in ("127.0.0.1", "localhost", "::1"):
         print(f"[lmtune] warning: the page is reachable by anyone who can reach {args.host}:{args.port}",
               file=sys.stderr)

@@ -31,6 +31,7 @@ from lmtune.config import Config, check_paths, dump_config
 from lmtune.errors import UserError
 from lmtune.train import checkpoint as ckpt
 from lmtune.train.batch import micro_batches, to_device
+from lmtune.train.evaluate import validate
 from lmtune.train.objectives import Forward, make_objective
 from lmtune.train.run_identity import check_resume, prepare_work_dir, run_identity
 from lmtune.train.run_log import RunLog
@@ -51,7 +52,7 @@ class TrainState:
 
 class Trainer:
     def __init__(self, cfg: Config, work_dir: str | Path, dist=None, *, model=None, rows=None, objective=None,
-                 tokenizer=None, template=None, model_kind=None):
+                 tokenizer=None, template=None, model_kind=None, val_rows=None):
         from lmtune.models.kinds import model_kind as kind_for
 
         self.cfg = cfg
@@ -60,7 +61,7 @@ class Trainer:
         self.dist = dist or SingleProcess()
         self.io = self.dist.state  # checkpoint I/O and export gathering
         self.kind = model_kind or kind_for(cfg)
-        self.model, self.rows, self.objective = model, rows, objective
+        self.model, self.rows, self.objective, self.val_rows = model, rows, objective, val_rows
         self.tokenizer, self.template = tokenizer, template
         self.state = TrainState()
         self.log = RunLog(self.work_dir, enabled=self.dist.is_main)
@@ -76,7 +77,7 @@ class Trainer:
         self.dist.setup_precision(self.amp_dtype, self.device)
         self._setup_tokenizer_and_data()
         self._setup_model()
-        self.objective = self.objective or make_objective(cfg, self.kind)
+        self.objective = self.objective or make_objective(cfg, kind=self.kind)
         self._setup_optimizer()
         self.identity = run_identity(cfg, self.rows, self.rows_per_step, self.dist.world_size, self.dist.name)
         if resume_from is not None:
@@ -97,10 +98,11 @@ class Trainer:
             self.template = get_template(cfg.prompt_template, self.tokenizer)
         self.data_stats = {}
         if self.rows is None:
-            from lmtune.data.dataset import build_dataset
+            from lmtune.data.build import build_training_data
 
-            data = build_dataset(cfg, self.tokenizer, self.template)
+            data = build_training_data(cfg, self.tokenizer, self.template)
             self.rows, self.data_stats = data.rows, data.stats
+            self.val_rows = getattr(data, "val_rows", None)
         if not self.rows:
             raise UserError("the training data is empty after tokenization", where=cfg._source,
                             hint="run `lmtune data check CONFIG` to see what was skipped and why")
@@ -109,8 +111,10 @@ class Trainer:
             self.total_steps = cfg.max_steps
         else:
             self.total_steps = max(1, math.ceil(cfg.max_epochs * len(self.rows) / per_step))
-        self.dist.log(f"data: {len(self.rows)} rows ({'packed' if cfg.pack_to_max_length else 'unpacked'}, "
-                      f"max_length {cfg.max_length}); {per_step} rows per step; {self.total_steps} steps")
+        self.dist.log(
+            f"data: {len(self.rows)} rows ({'packed' if cfg.pack_to_max_length else 'unpacked'}, "
+            f"max_length {cfg.max_length}); {per_step} rows per step; {self.total_steps} steps"
+            + (f"; {len(self.val_rows)} validation rows" if self.val_rows is not None else ""))
 
     def _setup_model(self) -> None:
         from lmtune.train import fast_path
@@ -189,14 +193,7 @@ class Trainer:
             loss, metrics = self.step()
             step = self.state.step
             if not math.isfinite(loss):
-                prev = ckpt.latest_checkpoint(self.work_dir, quiet=True)
-                kept = f"the last good checkpoint is {prev}" if prev else "no checkpoint had been saved yet"
-                raise UserError(
-                    f"the loss became {loss} at step {step}; training stopped and nothing was saved for this "
-                    f"step ({kept})",
-                    hint="lower lr, enable gradient clipping (max_norm), or check the data of this step; "
-                    "resume with --resume auto",
-                )
+                raise ckpt.diverged(self.work_dir, loss, step)
             elapsed = time.time() - t_start
             tok_s = (self.state.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
             lr = self.scheduler.get_last_lr()[0]
@@ -211,7 +208,10 @@ class Trainer:
                 self.log.plot(self.state.history, self.state.metrics, force=step == self.total_steps)
             if cfg.evaluation_freq and step % cfg.evaluation_freq == 0 and step != self.total_steps:
                 self._probe()
-            if step % cfg.save_steps == 0 or step == self.total_steps:
+            saved = False  # validation first: a new best is saved there, with its val_loss in the state
+            if self.val_rows is not None and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == self.total_steps):
+                saved = validate(self)
+            if (step % cfg.save_steps == 0 or step == self.total_steps) and not saved:
                 self.save_checkpoint()
         if bar is not None:
             bar.close()

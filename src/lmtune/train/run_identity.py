@@ -28,12 +28,16 @@ MUST_MATCH = {
 }
 
 # What lmtune itself writes into a work dir (and may remove with --overwrite).
-OWN_FILES = ("hf", "logs", "config.py", "loss_curve.png", ".loss_curve.tmp.png")
+OWN_FILES = ("hf", "logs", "config.py", "loss_curve.png", ".loss_curve.tmp.png", "best_checkpoint.json")
 
 
 def data_fingerprint(rows) -> str:
-    """A hash of every row's tokens, labels and positions (what training reads)."""
+    """A hash of every row's tokens, labels and positions (what training reads). Rows from the
+    token store carry one already (a hash of the stores' contents and the rows index)."""
     import numpy as np
+
+    if getattr(rows, "fingerprint", None):
+        return rows.fingerprint
 
     h = hashlib.sha256()
     h.update(str(len(rows)).encode())
