@@ -85,7 +85,8 @@ def test_a_config_started_from_a_built_in_keeps_the_keys_the_form_does_not_set(t
 
 def test_a_bad_value_gets_the_cli_message_for_its_field_and_nothing_is_written(tmp_path, tiny_model_dir):
     data = write_jsonl(tmp_path / "data.jsonl", _records(4))
-    work = tmp_path / "new" / "w"
+    (tmp_path / "mine").mkdir()  # the user's own empty folder stays
+    work = tmp_path / "mine" / "new" / "w"
     cases = [({"lr": 5}, "lr", "config key 'lr' must be between 0.0 and 1.0, got 5.0"),
              ({"batch_size": None}, "batch_size", "config key 'batch_size' must be an integer, got None"),
              ({"datasets": str(tmp_path / "nope.jsonl")}, "datasets", "does not exist"),
@@ -98,7 +99,8 @@ def test_a_bad_value_gets_the_cli_message_for_its_field_and_nothing_is_written(t
         assert message in str(info.value), (change, str(info.value))
         assert runs.error_field(info.value) == field, (change, str(info.value))
         assert ".check-" not in str(info.value)  # names the config file, not the page's scratch copy
-        assert not (tmp_path / "new").exists()  # nothing written, no folder left behind
+        assert not (tmp_path / "mine" / "new").exists()  # nothing written, no folder left behind
+        assert (tmp_path / "mine").is_dir()
 
 
 @pytest.mark.slow  # three `lmtune train` processes: ~40 s on 2 idle cores, minutes on busy ones

@@ -125,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_batching_args(p)
 
     p = sub.add_parser("webui", help="a web page to train, watch, chat and export (Gradio)")
-    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--host", default="127.0.0.1", help="127.0.0.1: this machine only (the page runs commands here)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--work-dir", default="work_dirs/webui", help="the work dir the page starts with")
 

@@ -77,6 +77,20 @@ class Config:
     # activations fit: the fastest); on the CPU off. True: every layer; False: none.
     gradient_checkpointing: Union[bool, Literal["auto"]] = "auto"
 
+    # ---- vision (docs/vision.md): a LLaVA composed from `model` + a vision tower, or a vision-language model
+    vision_tower: Optional[str] = None  # a CLIP or SigLIP folder / hub id: compose a LLaVA with `model` as its LLM
+    projector: Optional[str] = None  # start from a trained projector: the folder (or work dir) of a pretrain stage
+    vision_stage: Literal["finetune", "pretrain"] = "finetune"  # pretrain: only the projector trains
+    train_llm: bool = True  # finetune stage: the LLM trains by `method` (LoRA/QLoRA/full); False: frozen
+    train_vision_tower: Literal["frozen", "lora", "full"] = "frozen"
+    vision_lora_r: int = 0  # LoRA rank on the tower (0: lora_r); XTuner's LLaVA uses 64 there, 512 on the LLM
+    vision_lora_alpha: int = 0  # (0: lora_alpha)
+    train_projector: Literal["auto", "frozen", "lora", "full"] = "auto"  # auto: full when composed, else frozen
+    vision_feature_layer: int = -2  # which tower layer feeds the projector (LLaVA-1.5: the second to last)
+    vision_select_strategy: Literal["auto", "default", "full"] = "auto"  # default drops CLIP's CLS feature
+    projector_hidden_act: str = "gelu"
+    image_folder: Optional[str] = None  # relative image paths start here (default: each data file's folder)
+
     # ---- PART 3: data processing ------------------------------------------------------
     num_proc: int = 1  # tokenization processes
     max_dataset_samples: int = 0  # 0 = all; otherwise keep the first N after mixing
@@ -147,6 +161,8 @@ RANGES = {
     "max_length": (8, None),
     "lora_r": (1, None),
     "lora_alpha": (1, None),
+    "vision_lora_r": (0, None),
+    "vision_lora_alpha": (0, None),
     "lora_dropout": (0.0, 1.0),
     "num_proc": (1, 256),
     "lr": (0.0, 1.0),
@@ -271,6 +287,7 @@ def validate(raw: dict, source: str | None = None, lines: dict | None = None) ->
     cfg = Config(**values)
     cfg._source = source
     _check_datasets(cfg, source, lines)
+    _check_vision(cfg, source, lines)
     if isinstance(cfg.batch_tokens, int) and (cfg.strategy in ("fsdp2", "deepspeed") or cfg.deepspeed):
         where = f"{source}:{lines['batch_tokens']}" if source and "batch_tokens" in lines else source
         raise UserError(f"batch_tokens cannot be used with strategy '{cfg.strategy}'{' (deepspeed)' * bool(cfg.deepspeed)}: "
@@ -278,6 +295,24 @@ def validate(raw: dict, source: str | None = None, lines: dict | None = None) ->
                         hint="remove batch_tokens (micro-batches of batch_size rows), or use strategy 'ddp'")
     _check_objective(cfg, source, lines)
     return cfg
+
+
+def _check_vision(cfg: Config, source: str | None, lines: dict) -> None:
+    def where(key):
+        return f"{source}:{lines[key]}" if source and key in lines else source
+
+    if cfg.vision_stage == "pretrain":
+        if cfg.train_vision_tower != "frozen":
+            raise UserError("vision_stage 'pretrain' trains only the projector; train_vision_tower must be 'frozen'",
+                            where=where("train_vision_tower"), hint="train the tower in the finetune stage")
+        if cfg.train_projector in ("frozen", "lora"):
+            raise UserError("vision_stage 'pretrain' trains the whole projector; train_projector must be 'auto' or "
+                            "'full'", where=where("train_projector"))
+    if cfg.projector_hidden_act not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "quick_gelu"):
+        raise UserError(f"config key 'projector_hidden_act' must be an activation name such as 'gelu', "
+                        f"got {cfg.projector_hidden_act!r}", where=where("projector_hidden_act"))
+
+
 
 
 PREFERENCE_FORMATS = ("auto", "openai", "sharegpt", "alpaca", "kto")
@@ -308,7 +343,7 @@ def _check_objective(cfg: Config, source: str | None, lines: dict) -> None:
                             where=where("datasets") if fmt != cfg.data_format else where("data_format"))
 
 
-_SOURCE_KEYS = {"path", "format", "repeat", "weight", "name", "split", "revision", "streaming"}
+_SOURCE_KEYS = {"path", "format", "repeat", "weight", "name", "split", "revision", "streaming", "image_folder"}
 
 
 def _check_datasets(cfg: Config, source: str | None, lines: dict) -> None:
@@ -332,6 +367,8 @@ def _check_datasets(cfg: Config, source: str | None, lines: dict) -> None:
                     hint=f"did you mean '{near[0]}'?" if near else f"valid keys: {', '.join(sorted(_SOURCE_KEYS))}",
                 )
             entry = dict(entry)
+            if cfg.image_folder:
+                entry.setdefault("image_folder", cfg.image_folder)
             entry.setdefault("format", cfg.data_format)
             entry.setdefault("repeat", 1)
             normal.append(entry)
@@ -567,6 +604,12 @@ def check_paths(cfg: Config) -> None:
             f"model path '{cfg.model}' does not exist", where=f"{where} (key 'model')",
             hint="point 'model' at a Hugging Face folder, a .gguf file, a hub id or 'smollm2-135m-instruct'",
         )
+    for key in ("vision_tower", "projector"):
+        value = getattr(cfg, key)
+        if value and value.startswith((".", "/", "~")) and not Path(os.path.expanduser(value)).exists():
+            raise UserError(f"{key} path '{value}' does not exist", where=f"{where} (key '{key}')",
+                            hint="run the pretrain stage first" if key == "projector" else
+                            "point vision_tower at a CLIP or SigLIP folder or hub id")
 
 
 # --------------------------------------------------------------------------- list / copy

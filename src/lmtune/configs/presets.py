@@ -164,6 +164,77 @@ seed = 42
 
 
 
+# Existing vision-language models (AutoModelForImageTextToText): LoRA / QLoRA on the language model
+# over LLaVA-format data; the tower and projector frozen (LLaMA-Factory's defaults).
+VLMS = {
+    # name: (hub id, max_length, lr)
+    "llava_1_5_7b_hf": ("llava-hf/llava-1.5-7b-hf", 2048, 2e-4),
+    "llava_v1_6_mistral_7b_hf": ("llava-hf/llava-v1.6-mistral-7b-hf", 4096, 2e-4),
+    "qwen2_vl_2b_instruct": ("Qwen/Qwen2-VL-2B-Instruct", 4096, 1e-4),
+    "qwen2_5_vl_3b_instruct": ("Qwen/Qwen2.5-VL-3B-Instruct", 4096, 1e-4),
+    "qwen2_5_vl_7b_instruct": ("Qwen/Qwen2.5-VL-7B-Instruct", 4096, 1e-4),
+    "smolvlm_256m_instruct": ("HuggingFaceTB/SmolVLM-256M-Instruct", 4096, 2e-4),
+    "idefics3_8b_llama3": ("HuggingFaceM4/Idefics3-8B-Llama3", 4096, 1e-4),
+}
+VLM_METHODS = ("lora", "qlora")
+VLM_DATA = "llava"  # LLaVA json (sharegpt-shaped, "image" + "<image>" in the text)
+
+VLM_TEMPLATE = '''"""{hub}: {meth} fine-tuning of its language model on LLaVA-format image conversations.
+
+The tower and the projector stay frozen (set train_vision_tower / train_projector to train them).
+The result is an adapter folder with the model's processor; `lmtune convert merge` makes a whole
+model, and `lmtune chat work_dirs/{name} --image IMG` talks to it.
+Copy and edit: `lmtune copy-cfg {name} ./config`, then set the data and image folder.
+"""
+
+#######################################################################
+#                          PART 1  Settings                           #
+#######################################################################
+model = {hub!r}
+# {{"image": "rel/path.jpg", "conversations": [{{"from": "human", "value": "<image>\\n..."}}, {{"from": "gpt", ...}}]}}
+datasets = [dict(path="data/llava_conversations.json", format="sharegpt")]
+image_folder = "data/images"  # relative image paths start here
+prompt_template = "auto"  # the model's own chat template (it writes its image placeholders)
+max_length = {max_length}  # counts the image tokens
+pack_to_max_length = True
+
+evaluation_freq = 0
+evaluation_inputs = []
+
+#######################################################################
+#                     PART 2  Model & Tokenizer                       #
+#######################################################################
+method = "lora"
+quantization = {quantization!r}{quant_note}
+lora_r = 64
+lora_alpha = 16
+lora_dropout = 0.05
+lora_target_modules = "all-linear"  # of the language model
+train_vision_tower = "frozen"  # or "lora" / "full"
+train_projector = "frozen"  # or "lora" / "full"
+torch_dtype = "auto"
+gradient_checkpointing = "auto"  # on a GPU, only the layers the memory needs
+
+#######################################################################
+#                  PART 4  Optimizer & Schedule                       #
+#######################################################################
+lr = {lr}
+batch_size = 1  # packed rows per device
+accumulative_counts = 16
+max_epochs = 1
+max_norm = 1.0
+warmup_ratio = 0.03
+
+#######################################################################
+#                           PART 5  Runtime                           #
+#######################################################################
+save_steps = 500
+save_total_limit = 2
+logging_steps = 10
+seed = 42
+'''
+
+
 def _entries() -> dict[str, tuple]:
     out = {f"{m}_{meth}_{d}": (m, meth, d) for m in MODELS for meth in METHODS for d in DATA}
     for m in MODELS:
@@ -173,8 +244,20 @@ def _entries() -> dict[str, tuple]:
     return out
 
 
+def _vlm_entries() -> dict[str, tuple]:
+    return {f"{m}_{meth}_{VLM_DATA}": (m, meth) for m in VLMS for meth in VLM_METHODS}
+
+
 def preset_names() -> list[str]:
-    return sorted(_entries())
+    return sorted({**_entries(), **_vlm_entries()})
+
+
+def _render_vlm(name: str, entry: tuple) -> str:
+    mname, meth = entry
+    hub, max_len, lr = VLMS[mname]
+    return VLM_TEMPLATE.format(
+        name=name, hub=hub, meth=meth, max_length=max_len, lr=lr, quantization="nf4" if meth == "qlora" else "none",
+        quant_note="  # QLoRA: 4-bit language model (tower and projector stay bf16)" if meth == "qlora" else "")
 
 
 def _lora_block(method: str) -> str:
@@ -188,6 +271,8 @@ def _quant_note(meth: str) -> str:
 
 def render(name: str) -> str | None:
     """The config file text of preset `name`, or None if there is no such preset."""
+    if name in _vlm_entries():
+        return _render_vlm(name, _vlm_entries()[name])
     entry = _entries().get(name)
     if entry is None:
         return None

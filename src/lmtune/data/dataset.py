@@ -228,6 +228,10 @@ def source_key(entry: dict, cfg, tokenizer, template: ChatTemplate, schema: dict
         "objective": cfg.objective, "eos": cfg.pretrain_add_eos, "schema": schema, "template": template.name,
         "probe": _probe(template), "encoder": _encoder_versions(), "tokenizer": tok_fp,
     }
+    if "images" in schema:  # what an image becomes in tokens, and where relative paths start
+        from lmtune.data.kinds import image_tokens
+
+        settings["images"] = [image_tokens(cfg, tokenizer).fingerprint, entry.get("image_folder")]
     path = hub.local_path(entry)
     if path.exists():
         files = sorted(p for p in path.rglob("*") if p.is_file()) if hub.is_datasets_source(entry) and path.is_dir() \
@@ -398,6 +402,11 @@ def build_dataset(cfg, tokenizer, template: ChatTemplate, use_cache: bool = True
             remove(root)
         raise
     stats = dict(meta["stats"])
+    if stats["skipped"].get("bad_image") and errors is None:
+        bad = next(e["source"] for e in stats["skipped_examples"] if e["reason"] == "bad_image")
+        raise UserError(f"{stats['skipped']['bad_image']} conversation(s) have images that cannot be tokenized "
+                        "(an unreadable image, or an <image> placeholder without an image)", where=bad,
+                        hint="run `lmtune data check CONFIG` for what is wrong with each")
     if stats["samples"] == 0 and errors is None:
         raise _no_samples(cfg, stats)
     all_src = Sources(train_src.stores + val_src.stores, kind)

@@ -4,10 +4,18 @@ Files: .jsonl, .json (a list of records), .parquet, .csv, or a folder of them (r
 order). Formats (one small converter each, chosen per file; "auto" looks at the first record):
 
   openai    {"messages": [{"role": "system"|"user"|"assistant", "content": "...", "loss": bool?}]}
+            (content may be a list of parts: {"type": "text", "text"}, {"type": "image_url", "image_url":
+            {"url"}}, {"type": "image", "image"|"path"|"url"})
   alpaca    {"instruction": "...", "input": "...", "output": "...", "system": "..."?, "history": [[q, a]]?}
   sharegpt  {"conversations": [{"from": "human"|"gpt"|"system", "value": "..."}], "system": "..."?}
+            (LLaVA's json is this shape with "image": "rel/path.jpg"; LLaMA-Factory's with "images": [...])
   oasst1    {"text": "### Human: ... ### Assistant: ... ### Human: ..."}   (guanaco style)
   pretrain  {"text": "..."}                                                 (every token trains)
+
+Images: every chat format takes "images" (a list) or "image" (one or a list) beside a text that has
+one `<image>` per image, or image parts in openai content; an image part becomes "<image>\n" in the
+text. Relative image paths are relative to the dataset's `image_folder` (default: the data file's
+folder). Images are only referenced here (see data/images.py).
 
 Every problem is a `UserError` whose `where` is "file:line" (for parquet "file:row N").
 """
@@ -22,6 +30,7 @@ from pathlib import Path
 from typing import Callable, Iterator, Optional
 
 from lmtune.data.conversation import ROLES, Conversation, Message
+from lmtune.data.images import IMAGE_PLACEHOLDER, resolve_ref
 from lmtune.errors import UserError
 
 FORMATS = ("openai", "alpaca", "sharegpt", "oasst1", "pretrain")
@@ -207,7 +216,25 @@ def _read_parquet(path: Path, skip: int = 0) -> Iterator[tuple[dict, str, int]]:
 # --------------------------------------------------------------------------- converters
 
 
-def _text(rec: dict, key: str, where: str, required: bool = True) -> Optional[str]:
+IMAGE_PART_TEXT = IMAGE_PLACEHOLDER + "\n"  # what an image content part becomes in message text
+_IMAGE_PART_TYPES = ("image_url", "image", "input_image")
+
+
+def image_part_ref(part: dict) -> Optional[str]:
+    """The image reference of an openai-style content part, or None if it is not an image part."""
+    kind = part.get("type")
+    if kind not in _IMAGE_PART_TYPES:
+        return None
+    value = part.get(kind) if kind != "input_image" else part.get("image_url")
+    if isinstance(value, dict):
+        value = value.get("url")
+    for key in ("image", "path", "url"):
+        if value is None:
+            value = part.get(key)
+    return value
+
+
+def _text(rec: dict, key: str, where: str, required: bool = True, images: Optional[list] = None) -> Optional[str]:
     value = rec.get(key)
     if value is None:
         if required:
@@ -215,14 +242,41 @@ def _text(rec: dict, key: str, where: str, required: bool = True) -> Optional[st
                             hint=f"the record has fields: {', '.join(rec) or '(none)'}")
         return None
     if isinstance(value, list) and all(isinstance(p, dict) for p in value):
-        # OpenAI content parts: [{"type": "text", "text": "..."}]
-        value = "".join(p.get("text", "") for p in value if p.get("type", "text") == "text")
+        # OpenAI content parts: [{"type": "text", "text": "..."}, {"type": "image_url", ...}]
+        pieces = []
+        for p in value:
+            ref = image_part_ref(p)
+            if p.get("type") in _IMAGE_PART_TYPES:
+                if images is None:
+                    raise UserError(f"field '{key}' holds an image part where only text is allowed", where=where)
+                if ref is None:
+                    raise UserError(f"an image part of field '{key}' names no image", where=where,
+                                    hint='write {"type": "image_url", "image_url": {"url": "path/or/data-url"}}')
+                images.append(ref)
+                pieces.append(IMAGE_PART_TEXT)
+            elif p.get("type", "text") == "text":
+                pieces.append(p.get("text", ""))
+        value = "".join(pieces)
     if not isinstance(value, str):
         raise UserError(f"field '{key}' must be a string, got {type(value).__name__}", where=where)
     return value
 
 
-def _finish(messages: list[Message], where: str) -> Conversation:
+def _record_images(rec: dict, where: str) -> list:
+    """The images a record lists in "images" (or LLaVA's "image"): one reference or a list."""
+    value = rec.get("images", rec.get("image"))
+    if value is None:
+        return []
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(v, str) for v in value):
+        return list(value)
+    raise UserError(f"field '{'images' if 'images' in rec else 'image'}' must be a path or a list of paths, "
+                    f"got {type(value).__name__}", where=where)
+
+
+def _finish(messages: list[Message], where: str, images: Optional[list] = None) -> Conversation:
+    images = images or []
     if not messages:
         raise UserError("the conversation has no messages", where=where)
     for i, m in enumerate(messages):
@@ -233,7 +287,14 @@ def _finish(messages: list[Message], where: str) -> Conversation:
                             hint="remove the record or write the reply")
     if not any(m.trains() for m in messages):
         raise UserError("the conversation has no assistant reply to train on", where=where)
-    return Conversation(messages=messages, source=where)
+    if images:
+        n = sum(m.content.count(IMAGE_PLACEHOLDER) for m in messages)
+        if n != len(images):
+            raise UserError(
+                f"the record has {len(images)} image(s) but {n} {IMAGE_PLACEHOLDER} placeholder(s) in its text",
+                where=where, hint=f"put one {IMAGE_PLACEHOLDER} in the text where each image goes (LLaVA: "
+                                  f"\"{IMAGE_PLACEHOLDER}\\n\" before the first question), one per image")
+    return Conversation(messages=messages, source=where, images=images)
 
 
 def from_openai(rec: dict, where: str) -> Conversation:
@@ -242,7 +303,7 @@ def from_openai(rec: dict, where: str) -> Conversation:
         raise UserError("missing required field 'messages'", where=where)
     if not isinstance(msgs, list):
         raise UserError(f"field 'messages' must be a list, got {type(msgs).__name__}", where=where)
-    out = []
+    out, images = [], _record_images(rec, where)
     for i, m in enumerate(msgs):
         if not isinstance(m, dict):
             raise UserError(f"messages[{i}] must be an object with 'role' and 'content'", where=where)
@@ -252,12 +313,12 @@ def from_openai(rec: dict, where: str) -> Conversation:
         if role not in ROLES:
             raise UserError(f"unknown role {role!r} in messages[{i}].role", where=where,
                             hint=f"roles must be one of {', '.join(ROLES)}")
-        content = _text(m, "content", f"{where} (messages[{i}])")
+        content = _text(m, "content", f"{where} (messages[{i}])", images=images)
         loss = m.get("loss")
         if loss is not None and not isinstance(loss, bool):
             raise UserError(f"messages[{i}].loss must be true or false, got {loss!r}", where=where)
         out.append(Message(role, content, loss))
-    return _finish(out, where)
+    return _finish(out, where, images)
 
 
 def from_alpaca(rec: dict, where: str) -> Conversation:
@@ -272,7 +333,7 @@ def from_alpaca(rec: dict, where: str) -> Conversation:
         msgs += [Message("user", pair[0]), Message("assistant", pair[1])]
     prompt = f"{instruction}\n{extra}" if extra.strip() else instruction
     msgs += [Message("user", prompt), Message("assistant", output)]
-    return _finish(msgs, where)
+    return _finish(msgs, where, _record_images(rec, where))
 
 
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
@@ -297,7 +358,7 @@ def from_sharegpt(rec: dict, where: str) -> Conversation:
             raise UserError(f"unknown role {who!r} in conversations[{i}].from", where=where,
                             hint="'from' must be one of human, gpt, system")
         msgs.append(Message(_SHAREGPT_ROLES[who], _text(t, "value", f"{where} (conversations[{i}])")))
-    return _finish(msgs, where)
+    return _finish(msgs, where, _record_images(rec, where))
 
 
 _OASST_SPLIT = re.compile(r"###\s*(Human|Assistant)\s*:")
@@ -361,6 +422,19 @@ def check_format(format: str, where: str | None = None) -> str:
 # --------------------------------------------------------------------------- the entry point
 
 
+def _resolve_images(conv: Conversation, folder: Path) -> Conversation:
+    """Image references made absolute; a file that does not exist is an error here, where the
+    record's file:line is known (a cheap stat: pixels are read later)."""
+    refs = [resolve_ref(r, folder, conv.source) for r in conv.images]
+    for r in refs:
+        if not r.startswith("data:") and not os.path.isfile(r):
+            raise UserError(f"image '{r}' does not exist", where=conv.source,
+                            hint="fix the path, or set image_folder (in the config or on this dataset) to the "
+                                 "folder the relative image paths start from")
+    conv.images = refs
+    return conv
+
+
 def count_records(path: Path) -> int:
     """How many records a file holds (.jsonl lines are counted, not parsed)."""
     suffix = path.suffix.lower()
@@ -377,10 +451,11 @@ def count_records(path: Path) -> int:
         return sum(1 for raw in f if raw.strip() and raw.strip() != b"\xef\xbb\xbf")
 
 
-def _conversations(records: Iterator, format: str, errors: Optional[list], first: Optional[tuple] = None
-                   ) -> Iterator[Conversation]:
+def _conversations(records: Iterator, format: str, errors: Optional[list], first: Optional[tuple] = None,
+                   image_folder: Optional[Path] = None) -> Iterator[Conversation]:
     """Convert (record, where, ...) tuples of one file; "auto" detects the format from the file's
-    first record (`first`, when the records start later in the file)."""
+    first record (`first`, when the records start later in the file). Relative image paths start
+    from `image_folder`."""
     fmt = None if format == "auto" else format
     while True:
         try:
@@ -396,19 +471,21 @@ def _conversations(records: Iterator, format: str, errors: Optional[list], first
         try:
             if fmt is None:
                 fmt = detect_format(*(first or (rec, where))[:2])
-            yield CONVERTERS[fmt](rec, where)
+            conv = CONVERTERS[fmt](rec, where)
+            yield _resolve_images(conv, image_folder) if conv.images else conv
         except UserError as e:
             if errors is None:
                 raise
             errors.append(e)
 
 
-def iter_conversations(path, format: str = "auto", errors: Optional[list] = None, skip: int = 0
-                       ) -> Iterator[Conversation]:
+def iter_conversations(path, format: str = "auto", errors: Optional[list] = None, skip: int = 0,
+                       image_folder: Optional[str] = None) -> Iterator[Conversation]:
     """Yield the conversations of a file or folder, from the `skip`-th record on.
 
     With `errors` (a list), a bad record is appended there as a UserError and skipped instead of
-    raised (used by `lmtune data check` to report every problem at once).
+    raised (used by `lmtune data check` to report every problem at once). Relative image paths
+    start from `image_folder` (default: the folder of the data file).
     """
     check_format(format)
     for file in list_files(path):
@@ -418,15 +495,17 @@ def iter_conversations(path, format: str = "auto", errors: Optional[list] = None
                 skip -= n
                 continue
         first = next(_records_with_skip(file), None) if skip and format == "auto" else None
-        yield from _conversations(_records_with_skip(file, skip), format, errors, first)
+        folder = Path(os.path.expanduser(image_folder)) if image_folder else file.parent
+        yield from _conversations(_records_with_skip(file, skip), format, errors, first, folder)
         skip = 0
 
 
-def read_conversations(path, format: str = "auto", errors: Optional[list] = None) -> list[Conversation]:
+def read_conversations(path, format: str = "auto", errors: Optional[list] = None,
+                       image_folder: Optional[str] = None) -> list[Conversation]:
     """All conversations of a file or folder (small data: tests and tools); an empty result is an
     error naming the path."""
     n_errors = len(errors) if errors is not None else 0
-    convs = list(iter_conversations(path, format, errors))
+    convs = list(iter_conversations(path, format, errors, image_folder=image_folder))
     if not convs and (errors is None or len(errors) == n_errors):
         raise UserError(f"the dataset '{path}' holds no records", where=str(path),
                         hint="check the file; an empty file or a folder of empty files trains nothing")

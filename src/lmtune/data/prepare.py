@@ -48,7 +48,7 @@ def iter_source(entry: dict, default_format: str, where: str, skip: int = 0, err
     """The conversations of one `datasets` entry (a file, a folder, or a `datasets` source)."""
     fmt = check_format(entry.get("format") or default_format, where=f"{where} (format)")
     if not hub.is_datasets_source(entry):
-        yield from iter_conversations(entry["path"], fmt, errors, skip=skip)
+        yield from iter_conversations(entry["path"], fmt, errors, skip=skip, image_folder=entry.get("image_folder"))
         return
     ds = hub.open_dataset(entry, where)
     first = next(hub.iter_records(ds, entry), None) if skip and fmt == "auto" else None

@@ -132,10 +132,32 @@ def replace_in_file(input, output, old: str, new: str, overwrite: bool = False) 
 
 def _load(cfg):
     from lmtune.data.templates import get_template
-    from lmtune.models.loader import load_tokenizer
+    from lmtune.models.kinds import model_kind
 
-    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = model_kind(cfg).load_tokenizer(cfg)  # a vision-language model's has its image token
     return tokenizer, get_template(cfg.prompt_template, tokenizer)
+
+
+def check_images(cfg, errors: list) -> tuple[int, int]:
+    """Decode every image the config's data names; each unreadable one becomes an error naming its
+    record (file:line). Returns (distinct images, images named). Each image is decoded once."""
+    from lmtune.data.images import check_image
+    from lmtune.data.prepare import iter_source
+
+    seen: dict[str, str | None] = {}
+    named = 0
+    for i, entry in enumerate(cfg.datasets):
+        for conv in iter_source(entry, cfg.data_format, f"datasets[{i}]", errors=[]):  # (read errors: reported below)
+            named += len(conv.images)
+            for ref in conv.images:
+                if ref not in seen:
+                    seen[ref] = check_image(ref)
+                if seen[ref] is not None:
+                    name = f"{ref[:40]}…" if ref.startswith("data:") else ref
+                    errors.append(UserError(f"image '{name}' cannot be read: {seen[ref]}", where=conv.source or None,
+                                            hint="replace the file, or remove the record"))
+                    break
+    return len(seen), named
 
 
 def prepare_command(cfg) -> int:
@@ -173,6 +195,7 @@ def check_command(cfg) -> int:
     if preference.is_preference(cfg.objective):
         return preference.check_command(cfg, tokenizer, template)
     errors: list[UserError] = []
+    images = check_images(cfg, errors)
     data = build_dataset(cfg, tokenizer, template, errors=errors)
     stats, sources = data.stats, data.stats["sources"]
 
@@ -195,6 +218,14 @@ def check_command(cfg) -> int:
     print(f"truncated: {stats['truncated']} (a trained turn or part of one was cut to fit max_length)")
     share = stats["loss_tokens"] / stats["tokens"] if stats["tokens"] else 0.0
     print(f"tokens: {stats['tokens']}, carrying loss: {stats['loss_tokens']} ({share:.1%})")
+    if images[1]:
+        from lmtune.data.kinds import image_tokens
+
+        image_id = image_tokens(cfg, tokenizer).image_token_id
+        in_rows = [data.rows[i] for i in range(len(data.rows))]
+        n_tokens = sum(sum(1 for t in r["input_ids"] if t == image_id) for r in in_rows)
+        print(f"images: {images[0]} distinct, {sum(len(r.get('images', ())) for r in in_rows)} in samples; "
+              f"{n_tokens} image tokens (counted in the lengths below)")
     if stats["samples"] and cfg.pack_to_max_length:
         fill = stats["tokens"] / (stats["rows"] * cfg.max_length)
         print(f"packed: {stats['rows']} rows of {cfg.max_length} tokens, {fill:.1%} full")
@@ -208,6 +239,13 @@ def check_command(cfg) -> int:
         return 2
     print("data check: OK")
     return 0
+
+
+def _runs_of_images(text: str) -> str:
+    """"<image><image>…" (one token per image feature) shown as "<image>×576"."""
+    import re
+
+    return re.sub(r"(?:<image>){2,}", lambda m: f"<image>×{len(m.group(0)) // len('<image>')}", text)
 
 
 def show_command(cfg, mode: str = "masked_text", n: int = 2) -> int:
@@ -238,7 +276,7 @@ def show_command(cfg, mode: str = "masked_text", n: int = 2) -> int:
         elif mode == "labels":
             print(labels)
         else:
-            print(masked_text(ids, labels, tokenizer))
+            print(_runs_of_images(masked_text(ids, labels, tokenizer)))
     for ex in data.stats["skipped_examples"][:n]:
         print(f"=== {ex['source']}: skipped ({ex['reason']})")
     return 0

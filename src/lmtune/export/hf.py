@@ -6,6 +6,7 @@ place when complete, and never over a folder lmtune did not write unless `overwr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -14,6 +15,7 @@ from lmtune.atomic import HF_MARKER, atomic_dir, check_not_input, check_out_dir
 from lmtune.errors import UserError
 
 META_FILE = HF_MARKER  # lmtune.json: template, system prompt, stop words; marks the folder as lmtune's
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "chat_template.jinja", "chat_template.json")
 
 
 def check_hf_out(out, overwrite: bool = False) -> str:
@@ -49,6 +51,8 @@ def _write_meta(folder: Path, cfg, template) -> None:
         "stop_words": list(template.stop_words) if template is not None else [],
         "base_model": cfg.model if cfg is not None else None,
     }
+    if cfg is not None and cfg.vision_tower:  # a composed LLaVA: what it was composed from
+        meta["llava"] = {"llm": cfg.model, "vision_tower": cfg.vision_tower}
     (folder / META_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=False), encoding="utf-8")
 
 
@@ -75,8 +79,15 @@ def save_trained_model(model, tokenizer, cfg, template, out, state_dict=None, ma
     lmtune.json (template, system prompt, stop words). `out` is replaced only if it is new, empty,
     a previous lmtune HF folder, or `overwrite` is set (check early with `check_hf_out`)."""
     out = Path(out)
+    processor = None
+    if cfg is not None and _sees_images(cfg):
+        from lmtune.export.vision import full_precision_merge, processor_for
+
+        processor = processor_for(cfg, tokenizer, template)
+        if cfg.vision_tower:  # a composed LLaVA is always written whole (LoRA merged in)
+            model = full_precision_merge(model, cfg)
     is_peft = hasattr(model, "peft_config")
-    if hasattr(template, "jinja"):
+    if hasattr(template, "jinja") and processor is None:
         # A named template: save it as the tokenizer's chat template, so the exported folder
         # renders conversations exactly as in training wherever it is loaded.
         tokenizer.chat_template = template.jinja()
@@ -100,11 +111,19 @@ def save_trained_model(model, tokenizer, cfg, template, out, state_dict=None, ma
                 target = model.to(dtype)
             target.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size,
                                    state_dict=state_dict)
-        save_tokenizer(tokenizer, tmp)
+        if processor is not None:
+            processor.save_pretrained(tmp)  # image processor, processor config, chat template, tokenizer
+        save_tokenizer(tokenizer, tmp)  # (again) in the form transformers 4.x and 5.x both read
         if gen is not None:
             gen.save_pretrained(tmp)
         _write_meta(tmp, cfg, template)
     return out
+
+
+def _sees_images(cfg) -> bool:
+    from lmtune.models.kinds import model_kind
+
+    return model_kind(cfg).name == "vision_language"
 
 
 # --------------------------------------------------------------------------- pth_to_hf
@@ -131,14 +150,21 @@ def pth_to_hf(config: str | None, checkpoint: str, out: str, fp32: bool = False,
         raise UserError(f"checkpoint '{checkpoint}' is incomplete: {problem}")
     check_not_input(out, checkpoint=ck, config=config)
     check_hf_out(out, overwrite)  # before the slow loading
-    cfg = load_config(config if config else str(ck / "config.py"))
-    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    template = get_template(cfg.prompt_template, tokenizer)
     from lmtune.models.kinds import model_kind
 
+    cfg = load_config(config if config else str(ck / "config.py"))
     kind = model_kind(cfg)
-    model = load_model(cfg.model, dtype="float32" if fp32 else "auto", trust_remote_code=cfg.trust_remote_code,
-                       allow_pickle=cfg.allow_pickle, head=kind.head)
+    if kind.name == "vision_language":
+        # Composed (LLM + tower + projector) or an existing VLM, unquantized: a QLoRA checkpoint's
+        # adapters go onto the full-precision model (a composed one is then written merged).
+        cfg = dataclasses.replace(cfg, quantization="none")
+        tokenizer = kind.load_tokenizer(cfg)
+        model = kind.load(cfg, torch.device("cpu"), dtype="float32" if fp32 else "auto")
+    else:
+        tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        model = load_model(cfg.model, dtype="float32" if fp32 else "auto", trust_remote_code=cfg.trust_remote_code,
+                           allow_pickle=cfg.allow_pickle, head=kind.head)
+    template = get_template(cfg.prompt_template, tokenizer)
     if cfg.method == "lora":
         model = kind.add_lora(model, cfg)
     params = dict(model.named_parameters())
@@ -259,6 +285,10 @@ def merge(base: str, adapter: str, out: str, max_shard_size: str = "2GB", save_f
         gen_src = adapter_dir / "generation_config.json"
         if gen_src.is_file():
             shutil.copyfile(gen_src, tmp / "generation_config.json")
+        for name in PROCESSOR_FILES:  # a vision-language model's processor: the adapter's, else the base's
+            src = next((d / name for d in (adapter_dir, Path(resolve_model_path(base))) if (d / name).is_file()), None)
+            if src is not None and not (tmp / name).exists():
+                shutil.copyfile(src, tmp / name)
         if meta.is_file():
             shutil.copyfile(meta, tmp / META_FILE)
     print(f"[lmtune] merged model written to {out}")

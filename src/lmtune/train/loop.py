@@ -4,9 +4,9 @@
     trainer.setup(resume_from)   # tokenizer, data, model (+LoRA), objective, optimizer, schedule, state
     trainer.train()              # steps, logging, probes, checkpoints, final Hugging Face export
 
-The Trainer can be given its parts instead of building them from the config (benchmarks and
-tests do): `Trainer(cfg, work_dir, model=base_model, rows=rows, objective=obj, tokenizer=tok)`.
-A given `model` is the base model before adapters; the Trainer adds LoRA and the fast path.
+The Trainer can be given its parts instead of building them from the config (benchmarks and tests
+do): `Trainer(cfg, work_dir, model=base_model, rows=rows, objective=obj, tokenizer=tok)`; a given
+`model` is the base model before adapters (the Trainer adds LoRA and the fast path).
 
 One optimizer step consumes `batch_size × accumulative_counts × world_size` rows (micro-batches of
 `batch_size` rows, or of up to `batch_tokens` tokens). The step's loss is the objective's sum over
@@ -76,7 +76,7 @@ class Trainer:
         self.dist.setup_precision(self.amp_dtype, self.device)
         self._setup_tokenizer_and_data()
         self._setup_model()
-        self.objective = self.objective or make_objective(cfg)
+        self.objective = self.objective or make_objective(cfg, kind=self.kind)
         self._setup_optimizer()
         self.identity = run_identity(cfg, self.rows, self.rows_per_step, self.dist.world_size, self.dist.name)
         if resume_from is not None:
@@ -276,9 +276,6 @@ class Trainer:
                     dynamic_ncols=True, file=sys.stderr)
 
     # ------------------------------------------------------------------ checkpoints
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.io.trainable_state_dict(self.model)
-
     def save_checkpoint(self) -> Path | None:
         """Write iter_N atomically (every process takes part; the main process writes)."""
         from safetensors.torch import save_file
@@ -296,7 +293,7 @@ class Trainer:
             self.io.save_shards(self.train_model, self.optimizer, stage)
             self.dist.barrier()
         else:
-            weights = self.trainable_state_dict()
+            weights = self.io.trainable_state_dict(self.model)
             optim_state = self.io.optimizer_state_dict(self.model, self.optimizer)
         if not self.dist.is_main:
             self.dist.barrier()

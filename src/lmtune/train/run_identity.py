@@ -51,12 +51,16 @@ def data_fingerprint(rows) -> str:
 
 
 def run_identity(cfg, rows, rows_per_step: int, world_size: int, strategy: str) -> dict:
-    return {
+    identity = {
         "model": cfg.model, "method": cfg.method, "objective": cfg.objective, "quantization": cfg.quantization,
         "lora": [cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules] if cfg.method == "lora" else None,
         "data_fingerprint": data_fingerprint(rows), "rows_per_step": rows_per_step,
         "world_size": world_size, "strategy": strategy,
     }
+    parts = [cfg.vision_tower, cfg.vision_stage, cfg.train_llm, cfg.train_vision_tower, cfg.train_projector]
+    if parts != [None, "finetune", True, "frozen", "auto"]:  # what trains in a vision-language model
+        identity["vision"] = parts
+    return identity
 
 
 def _lmtune_entries(work_dir: Path) -> list[Path]:

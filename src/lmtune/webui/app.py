@@ -16,6 +16,7 @@ import io
 import os
 import re
 import shutil
+import subprocess
 import sys
 import threading
 import time
@@ -250,7 +251,7 @@ class Page:
         self.work_dir = work_dir
         self.gpus = gpus
         self.chat = ChatSlot()
-        self.export_pid: int | None = None
+        self.export: subprocess.Popen | None = None  # the export running (or last run) from the page
 
 
 def _config_path(work_dir: str) -> Path:
@@ -647,8 +648,10 @@ def build_app(work_dir: str = "work_dirs/webui", gpus: int | None = None):
                 return
             log_path = (Path(w) if w and Path(w).is_dir() else Path(os.path.expanduser("~/.cache/lmtune"))) \
                 / "webui_export.log"
-            proc = runs.spawn(args, log_path)
-            page.export_pid = proc.pid
+            if page.export is not None and page.export.poll() is None:
+                yield f"**⚠ an export started from this page is still running (pid {page.export.pid})**", gr.update()
+                return
+            proc = page.export = runs.spawn(args, log_path)
             shown = f"```\n{runs.shell_command(args)}\n```"
             t0 = time.time()
             while proc.poll() is None:
@@ -664,10 +667,9 @@ def build_app(work_dir: str = "work_dirs/webui", gpus: int | None = None):
             yield done, log_html(runs.tail_text(runs.last_attempt(log_path), 200))
 
         def on_export_stop():
-            pid = page.export_pid
-            if pid is None:
-                return gr.update()
-            runs.stop_group(pid, grace=5)
+            proc = page.export
+            if proc is not None and proc.poll() is None:  # still our unreaped child: its pid is its own
+                runs.stop_group(proc.pid, grace=5)
             return gr.update()
 
         export_kind.change(export_defaults, [export_kind, work], [export_src, export_base, export_out])

@@ -140,7 +140,7 @@ def check_config(path: Path, text: str):
     from lmtune.config import check_paths, load_config
 
     path = Path(path)
-    created = not path.parent.exists()
+    made = [p for p in [path.parent, *path.parent.parents] if not p.exists()]  # folders the check creates
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.stem}.check-{os.getpid()}-{threading.get_ident()}.py")
     try:
@@ -153,11 +153,11 @@ def check_config(path: Path, text: str):
         raise UserError(e.message.replace(str(tmp), str(path)), where=where, hint=e.hint) from None
     finally:
         tmp.unlink(missing_ok=True)
-        if created:
+        for folder in made:  # innermost first; only those made here, and only while empty
             try:
-                os.removedirs(path.parent)  # only the empty folders made for the check
+                folder.rmdir()
             except OSError:
-                pass
+                break
     return cfg
 
 

@@ -22,11 +22,12 @@ from lmtune.train.objectives.next_token import NextToken, loss_sum
 __all__ = ["Forward", "Objective", "NextToken", "flat_batch", "loss_sum", "make_objective"]
 
 
-def make_objective(cfg, reference_model=None) -> Objective:
+def make_objective(cfg, reference_model=None, kind=None) -> Objective:
     """The objective of `cfg`; `reference_model` (DPO, KTO) is a frozen reference to use instead of
-    the one the objective would find itself."""
+    the one the objective would find itself; `kind` (the model kind) adds what its batches need
+    (a vision-language model's images)."""
     if cfg.objective in ("sft", "pretrain"):
-        return NextToken(cfg.objective)
+        return NextToken(cfg.objective, extra_inputs=getattr(kind, "vision_inputs", None))
     if cfg.objective == "dpo":
         from lmtune.train.objectives.dpo import DPO
 
