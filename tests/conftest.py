@@ -48,6 +48,34 @@ def tiny_model_dir(tmp_path_factory, smol_tokenizer) -> str:
     return str(make_tiny_llama(tmp_path_factory.mktemp("tiny_llama"), smol_tokenizer))
 
 
+def make_tiny_tower(out: Path, kind: str = "clip", seed: int = 0) -> Path:
+    """A random CLIP (or SigLIP) vision tower on 30-pixel images (patch 6: 25 patches) + its image processor."""
+    import torch
+    from transformers import (CLIPImageProcessor, CLIPVisionConfig, CLIPVisionModel, SiglipImageProcessor,
+                              SiglipVisionConfig, SiglipVisionModel)
+
+    torch.manual_seed(seed)
+    sizes = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=30,
+                 patch_size=6)
+    if kind == "clip":
+        CLIPVisionModel(CLIPVisionConfig(**sizes)).save_pretrained(out)
+        CLIPImageProcessor(size={"shortest_edge": 30}, crop_size={"height": 30, "width": 30}).save_pretrained(out)
+    else:
+        SiglipVisionModel(SiglipVisionConfig(**sizes)).save_pretrained(out)
+        SiglipImageProcessor(size={"height": 30, "width": 30}).save_pretrained(out)
+    return out
+
+
+def shape_image(path: Path, colour: str, size=(40, 36), shape: str = "square") -> str:
+    from PIL import Image, ImageDraw
+
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    (draw.rectangle if shape == "square" else draw.ellipse)([5, 5, 22, 22], fill=colour)
+    img.save(path)
+    return str(path)
+
+
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as f:

@@ -61,8 +61,9 @@ def test_packing_and_cache_hit(tmp_path, smol_tokenizer, cache_home):
     assert first.packed and first.stats["cache"] == "miss"
     assert len(first.rows) < 40 and all(len(r["input_ids"]) <= 128 for r in first.rows)
     assert sum(len(r["seq_lens"]) for r in first.rows) == 40
-    files = list((cache_home / "data").iterdir())
-    assert len(files) == 1 and files[0].suffix == ".npz"  # no temporary file left behind
+    # One token store and one rows index; no temporary folder or shard left behind.
+    files = sorted(p.name.split("-")[0] for p in (cache_home / "data").iterdir())
+    assert files == ["rows", "tok"]
     second = build_dataset(cfg, smol_tokenizer, tpl)
     assert second.stats["cache"] == "hit"
     assert second.rows == first.rows
@@ -116,9 +117,9 @@ def test_cache_key_of_a_template_that_refuses_system_messages(tmp_path, smol_tok
 
 
 def test_num_proc_gives_the_same_rows(tmp_path, smol_tokenizer, monkeypatch):
-    import lmtune.data.dataset as ds
+    import lmtune.data.prepare as prep
 
-    monkeypatch.setattr(ds, "_CHUNK", 16)
+    monkeypatch.setattr(prep, "CHUNK_MAX", 16)  # several chunks, so two processes share the work
     a = write(tmp_path / "a.jsonl", [chat(i) for i in range(100)])
     tpl = get_template("auto", smol_tokenizer)
     one = build_dataset(validate({"datasets": [a], "max_length": 64, "num_proc": 1}), smol_tokenizer, tpl,

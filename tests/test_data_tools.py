@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+
 import pytest
 
 from lmtune.cli import main
@@ -11,6 +12,14 @@ from lmtune.data import self_cognition_train_phrases as P
 from lmtune.data.formats import read_conversations
 from lmtune.data.tools import replace_in_file, write_self_cognition
 from lmtune.errors import UserError
+
+
+@pytest.fixture(autouse=True)
+def cache_home(smol_tokenizer, tmp_path, monkeypatch):
+    # check / show build token stores in the cache: keep them out of the user's.
+    # smol_tokenizer first: the model cache must resolve under the real root, not this temporary one.
+    monkeypatch.setenv("LMTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache"
 
 
 def test_phrase_counts():

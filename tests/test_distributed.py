@@ -276,3 +276,51 @@ def test_missing_deepspeed_is_a_clear_message(tmp_path, monkeypatch):
     with pytest.raises(UserError, match="needs the deepspeed package") as e:
         strategies.make_strategy(_cfg(tmp_path, strategy="deepspeed", deepspeed="zero2"))
     assert "DS_BUILD_OPS=0" in e.value.hint
+
+
+# --------------------------------------------------------------------------- preference (DPO)
+
+
+def _pairs(n=16):
+    return [{"prompt": f"What is {i} plus {i}?", "chosen": f"{2 * i}.",
+             "rejected": f"The answer is {2 * i + 1}, or maybe {2 * i + 3}."} for i in range(n)]
+
+
+DPO_CASES = {
+    # LoRA: the reference is the DDP-wrapped policy with its adapter switched off.
+    "ddp-lora": (dict(method="lora", lora_r=4, lora_alpha=8, lr=1e-2), ["--cfg-options", "strategy=ddp"]),
+    # Full fine-tuning, sharded: the reference is precomputed, its forwards dealt over both ranks.
+    "fsdp2-full-precompute": (dict(method="full", precompute_reference=True),
+                              ["--cfg-options", "strategy=fsdp2"]),
+    # ZeRO-3: the adapter-off reference forward gathers the partitioned weights like the policy's.
+    "zero3-lora": (dict(method="lora", lora_r=4, lora_alpha=8, lr=1e-2), ["--deepspeed", "zero3", "--cfg-options"]),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(DPO_CASES))
+def test_two_process_dpo_matches_one(case, tmp_path, tiny_model_dir):
+    """DPO with 2 processes x 1 row x 2 accumulation = 1 process x 2 rows x 2: the same losses,
+    metrics and weights (each row packs whole pairs, so a pair never straddles processes)."""
+    kw, how = DPO_CASES[case]
+    if case.startswith("zero"):
+        pytest.importorskip("deepspeed")
+    data = write_jsonl(tmp_path / "pairs.jsonl", _pairs())
+    cfg = _write_cfg(tmp_path / "cfg.py", tiny_model_dir, data, objective="dpo", max_steps=3, **kw)
+    env_cache = dict(os.environ, LMTUNE_CACHE_DIR=str(tmp_path / "cache"))
+    for work, extra in (("one", []), ("two", ["--nproc-per-node", 2, *how, "batch_size=1"])):
+        p = subprocess.Popen([sys.executable, "-m", "lmtune.cli", "train", str(cfg), "--work-dir", str(tmp_path / work),
+                              *map(str, extra)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             env=dict(env_cache, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1"))
+        out, _ = p.communicate(timeout=600)
+        assert p.returncode == 0, out[-6000:]
+    logs = [[json.loads(x) for x in (tmp_path / w / "logs/train_log.jsonl").read_text().splitlines() if '"loss"' in x]
+            for w in ("one", "two")]
+    assert len(logs[1]) == 3
+    for a, b in zip(*logs):
+        for k in ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy"):
+            assert b[k] == pytest.approx(a[k], abs=2e-5), (k, a, b)
+    assert logs[0][-1]["loss"] < logs[0][0]["loss"]
+    name = "adapter_model.safetensors" if kw["method"] == "lora" else "model.safetensors"
+    a, b = (load_file(str(tmp_path / w / "hf" / name)) for w in ("one", "two"))
+    assert _max_diff(a, b) < 1e-5

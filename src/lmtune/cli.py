@@ -157,7 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     e.add_argument("--trust-remote-code", action="store_true")
 
     # ---- data
-    p = sub.add_parser("data", help="make, rewrite, check and show training data")
+    p = sub.add_parser("data", help="make, rewrite, prepare, check and show training data")
     dsub = p.add_subparsers(dest="data_command", metavar="ACTION")
     d = dsub.add_parser("self-cognition", help="make diverse identity conversations (openai JSONL)")
     d.add_argument("--name", required=True, help="the assistant's name")
@@ -173,6 +173,10 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--old", required=True)
     d.add_argument("--new", required=True)
     d.add_argument("--overwrite", action="store_true", help="replace OUTPUT if it exists (also OUTPUT = INPUT)")
+    d = dsub.add_parser("prepare", help="encode a config's data into the on-disk token store ahead of training "
+                                        "(resumes an interrupted preparation; `train` then reuses it)")
+    d.add_argument("config")
+    _add_cfg_options(d)
     d = dsub.add_parser("check", help="validate every record of a config's data and report statistics")
     d.add_argument("config")
     _add_cfg_options(d)
@@ -284,6 +288,8 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
             n = tools.replace_in_file(args.input, args.output, old=args.old, new=args.new, overwrite=args.overwrite)
             print(f"replaced {n} occurrence(s) of {args.old!r}; wrote {args.output}")
             return 0
+        if args.data_command == "prepare":
+            return tools.prepare_command(_load_cfg(args))
         if args.data_command == "check":
             return tools.check_command(_load_cfg(args))
         if args.data_command == "show":

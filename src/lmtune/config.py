@@ -35,7 +35,7 @@ class Config:
     model: str = "smollm2-135m-instruct"
     # Data sources mixed together; see docs/data.md.
     datasets: list = field(default_factory=list)
-    data_format: Literal["auto", "openai", "alpaca", "sharegpt", "oasst1", "pretrain"] = "auto"
+    data_format: Literal["auto", "openai", "alpaca", "sharegpt", "oasst1", "pretrain", "kto"] = "auto"
     prompt_template: str = "auto"  # a template name, or "auto" = the tokenizer's own
     system: Optional[str] = None  # system prompt added to conversations that have none
     max_length: int = 2048
@@ -43,10 +43,28 @@ class Config:
     shuffle_before_pack: bool = True
     evaluation_freq: int = 0  # steps between in-training chat probes (0 = only at the end)
     evaluation_inputs: list = field(default_factory=list)
+    # Validation: sources like `datasets`, and/or a share (< 1) or count (>= 1) of the training
+    # conversations held out; eval loss and perplexity every eval_steps (0 = only at the end).
+    val_datasets: list = field(default_factory=list)
+    val_set_size: float = 0.0
+    eval_steps: int = 0
+    save_best: bool = False  # keep the checkpoint with the lowest validation loss (best_checkpoint.json)
 
     # ---- PART 2: model & method -------------------------------------------------------
     method: Literal["full", "lora"] = "lora"
-    objective: Literal["sft", "pretrain"] = "sft"
+    objective: Literal["sft", "pretrain", "dpo", "orpo", "simpo", "kto", "reward"] = "sft"
+    # Preference optimisation (objectives dpo, orpo, simpo, kto, reward); see docs/preference.md.
+    dpo_loss: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    beta: Optional[float] = None  # None: the objective's default (dpo, kto: 0.1; simpo: 2.0)
+    label_smoothing: float = 0.0  # dpo (sigmoid) and simpo: the share of pairs taken as mislabelled
+    orpo_lambda: float = 0.1  # weight of ORPO's odds-ratio term beside the chosen answer's NLL
+    simpo_gamma: float = 0.5  # SimPO's target reward margin
+    simpo_length_normalize: bool = True  # SimPO: mean log-probability per token (False: the sum)
+    kto_desirable_weight: float = 1.0
+    kto_undesirable_weight: float = 1.0
+    # dpo / kto: the reference's log-probabilities computed once before training and cached beside
+    # the data cache (no reference forward during training, no second model in memory).
+    precompute_reference: bool = False
     quantization: Literal["none", "nf4", "int8"] = "none"
     lora_r: int = 16
     lora_alpha: int = 32
@@ -59,9 +77,24 @@ class Config:
     # activations fit: the fastest); on the CPU off. True: every layer; False: none.
     gradient_checkpointing: Union[bool, Literal["auto"]] = "auto"
 
+    # ---- vision (docs/vision.md): a LLaVA composed from `model` + a vision tower, or a vision-language model
+    vision_tower: Optional[str] = None  # a CLIP or SigLIP folder / hub id: compose a LLaVA with `model` as its LLM
+    projector: Optional[str] = None  # start from a trained projector: the folder (or work dir) of a pretrain stage
+    vision_stage: Literal["finetune", "pretrain"] = "finetune"  # pretrain: only the projector trains
+    train_llm: bool = True  # finetune stage: the LLM trains by `method` (LoRA/QLoRA/full); False: frozen
+    train_vision_tower: Literal["frozen", "lora", "full"] = "frozen"
+    vision_lora_r: int = 0  # LoRA rank on the tower (0: lora_r); XTuner's LLaVA uses 64 there, 512 on the LLM
+    vision_lora_alpha: int = 0  # (0: lora_alpha)
+    train_projector: Literal["auto", "frozen", "lora", "full"] = "auto"  # auto: full when composed, else frozen
+    vision_feature_layer: int = -2  # which tower layer feeds the projector (LLaVA-1.5: the second to last)
+    vision_select_strategy: Literal["auto", "default", "full"] = "auto"  # default drops CLIP's CLS feature
+    projector_hidden_act: str = "gelu"
+    image_folder: Optional[str] = None  # relative image paths start here (default: each data file's folder)
+
     # ---- PART 3: data processing ------------------------------------------------------
     num_proc: int = 1  # tokenization processes
     max_dataset_samples: int = 0  # 0 = all; otherwise keep the first N after mixing
+    pretrain_add_eos: bool = True  # pretraining: end every document with the EOS token
 
     # ---- PART 4: optimizer & schedule -------------------------------------------------
     lr: float = 2e-4
@@ -128,6 +161,8 @@ RANGES = {
     "max_length": (8, None),
     "lora_r": (1, None),
     "lora_alpha": (1, None),
+    "vision_lora_r": (0, None),
+    "vision_lora_alpha": (0, None),
     "lora_dropout": (0.0, 1.0),
     "num_proc": (1, 256),
     "lr": (0.0, 1.0),
@@ -147,6 +182,13 @@ RANGES = {
     "eval_max_new_tokens": (1, None),
     "max_dataset_samples": (0, None),
     "num_workers": (0, None),
+    "label_smoothing": (0.0, 0.49),
+    "orpo_lambda": (0.0, None),
+    "simpo_gamma": (0.0, None),
+    "kto_desirable_weight": (0.0, None),
+    "kto_undesirable_weight": (0.0, None),
+    "val_set_size": (0.0, None),
+    "eval_steps": (0, None),
 }
 
 FIELD_NAMES = [f.name for f in dataclasses.fields(Config) if not f.name.startswith("_")]
@@ -233,7 +275,7 @@ def validate(raw: dict, source: str | None = None, lines: dict | None = None) ->
             near = nearest_key(key)
             hint = f"did you mean '{near}'?" if near else "see `lmtune list-cfg` and docs/config.md for the keys"
             raise UserError(f"unknown config key '{key}'", where=where, hint=hint)
-        if name == "datasets" and isinstance(value, (str, dict)):
+        if name in ("datasets", "val_datasets") and isinstance(value, (str, dict)):
             value = [value]
         value = _check_type(name, value, _HINTS[name], where)
         if name in RANGES and isinstance(value, (int, float)):
@@ -245,41 +287,92 @@ def validate(raw: dict, source: str | None = None, lines: dict | None = None) ->
     cfg = Config(**values)
     cfg._source = source
     _check_datasets(cfg, source, lines)
+    _check_vision(cfg, source, lines)
     if isinstance(cfg.batch_tokens, int) and (cfg.strategy in ("fsdp2", "deepspeed") or cfg.deepspeed):
         where = f"{source}:{lines['batch_tokens']}" if source and "batch_tokens" in lines else source
         raise UserError(f"batch_tokens cannot be used with strategy '{cfg.strategy}'{' (deepspeed)' * bool(cfg.deepspeed)}: "
                         "its processes must all run the same number of micro-batches", where=where,
                         hint="remove batch_tokens (micro-batches of batch_size rows), or use strategy 'ddp'")
+    _check_objective(cfg, source, lines)
     return cfg
 
 
-_SOURCE_KEYS = {"path", "format", "repeat", "weight", "name", "split"}
+def _check_vision(cfg: Config, source: str | None, lines: dict) -> None:
+    def where(key):
+        return f"{source}:{lines[key]}" if source and key in lines else source
+
+    if cfg.vision_stage == "pretrain":
+        if cfg.train_vision_tower != "frozen":
+            raise UserError("vision_stage 'pretrain' trains only the projector; train_vision_tower must be 'frozen'",
+                            where=where("train_vision_tower"), hint="train the tower in the finetune stage")
+        if cfg.train_projector in ("frozen", "lora"):
+            raise UserError("vision_stage 'pretrain' trains the whole projector; train_projector must be 'auto' or "
+                            "'full'", where=where("train_projector"))
+    if cfg.projector_hidden_act not in ("gelu", "gelu_new", "gelu_pytorch_tanh", "relu", "silu", "quick_gelu"):
+        raise UserError(f"config key 'projector_hidden_act' must be an activation name such as 'gelu', "
+                        f"got {cfg.projector_hidden_act!r}", where=where("projector_hidden_act"))
+
+
+
+
+PREFERENCE_FORMATS = ("auto", "openai", "sharegpt", "alpaca", "kto")
+
+
+def _check_objective(cfg: Config, source: str | None, lines: dict) -> None:
+    """Keys that only make sense together (preference objectives, their options, data formats)."""
+    def where(key):
+        return f"{source}:{lines[key]}" if source and key in lines else source
+
+    preference = cfg.objective in ("dpo", "orpo", "simpo", "kto", "reward")
+    if cfg.beta is not None and not cfg.beta > 0:
+        raise UserError(f"config key 'beta' must be > 0, got {cfg.beta!r}", where=where("beta"))
+    if cfg.label_smoothing and not (cfg.objective in ("dpo", "simpo") and cfg.dpo_loss == "sigmoid"):
+        raise UserError("label_smoothing applies to objective 'dpo' with dpo_loss = 'sigmoid', and to 'simpo'",
+                        where=where("label_smoothing"), hint="set label_smoothing = 0.0")
+    if cfg.objective == "reward" and cfg.evaluation_inputs:
+        raise UserError("a reward model does not generate text, so evaluation_inputs cannot be answered",
+                        where=where("evaluation_inputs"), hint="set evaluation_inputs = []")
+    formats = [cfg.data_format] + [d.get("format", cfg.data_format) for d in cfg.datasets]
+    for fmt in formats:
+        if preference and fmt not in PREFERENCE_FORMATS:
+            raise UserError(f"data format '{fmt}' holds no preference pairs (objective '{cfg.objective}')",
+                            where=where("datasets") if fmt != cfg.data_format else where("data_format"),
+                            hint=f"use one of {', '.join(PREFERENCE_FORMATS)}; see docs/preference.md")
+        if not preference and fmt == "kto":
+            raise UserError(f"data format 'kto' is for objective 'kto', not '{cfg.objective}'",
+                            where=where("datasets") if fmt != cfg.data_format else where("data_format"))
+
+
+_SOURCE_KEYS = {"path", "format", "repeat", "weight", "name", "split", "revision", "streaming", "image_folder"}
 
 
 def _check_datasets(cfg: Config, source: str | None, lines: dict) -> None:
-    where = f"{source}:{lines['datasets']}" if source and "datasets" in lines else source
-    normal = []
-    for i, entry in enumerate(cfg.datasets):
-        if isinstance(entry, str):
-            entry = {"path": entry}
-        if not isinstance(entry, dict) or "path" not in entry:
-            raise UserError(
-                f"config key 'datasets[{i}]' must be a path or a dict with a 'path'; got {entry!r}", where=where
-            )
-        unknown = set(entry) - _SOURCE_KEYS
-        if unknown:
-            key = sorted(unknown)[0]
-            near = difflib.get_close_matches(key, sorted(_SOURCE_KEYS), n=1)
-            raise UserError(
-                f"unknown key '{key}' in datasets[{i}]",
-                where=where,
-                hint=f"did you mean '{near[0]}'?" if near else f"valid keys: {', '.join(sorted(_SOURCE_KEYS))}",
-            )
-        entry = dict(entry)
-        entry.setdefault("format", cfg.data_format)
-        entry.setdefault("repeat", 1)
-        normal.append(entry)
-    cfg.datasets = normal
+    for name in ("datasets", "val_datasets"):
+        where = f"{source}:{lines[name]}" if source and name in lines else source
+        normal = []
+        for i, entry in enumerate(getattr(cfg, name)):
+            if isinstance(entry, str):
+                entry = {"path": entry}
+            if not isinstance(entry, dict) or "path" not in entry:
+                raise UserError(
+                    f"config key '{name}[{i}]' must be a path or a dict with a 'path'; got {entry!r}", where=where
+                )
+            unknown = set(entry) - _SOURCE_KEYS
+            if unknown:
+                key = sorted(unknown)[0]
+                near = difflib.get_close_matches(key, sorted(_SOURCE_KEYS), n=1)
+                raise UserError(
+                    f"unknown key '{key}' in {name}[{i}]",
+                    where=where,
+                    hint=f"did you mean '{near[0]}'?" if near else f"valid keys: {', '.join(sorted(_SOURCE_KEYS))}",
+                )
+            entry = dict(entry)
+            if cfg.image_folder:
+                entry.setdefault("image_folder", cfg.image_folder)
+            entry.setdefault("format", cfg.data_format)
+            entry.setdefault("repeat", 1)
+            normal.append(entry)
+        setattr(cfg, name, normal)
 
 
 # --------------------------------------------------------------------------- loading
@@ -476,7 +569,7 @@ def load_config(name_or_path: str, overrides: dict | None = None) -> Config:
     # "lmtune:NAME" names a data file shipped with lmtune (e.g. the general replay data).
     # Relative data paths are relative to the config file, unless they exist from the cwd.
     base = Path(source).parent
-    for entry in cfg.datasets:
+    for entry in cfg.datasets + cfg.val_datasets:
         if entry["path"].startswith("lmtune:"):
             entry["path"] = str(PACKAGED_DATA / entry["path"][len("lmtune:"):])
             continue
@@ -488,14 +581,17 @@ def load_config(name_or_path: str, overrides: dict | None = None) -> Config:
 
 def check_paths(cfg: Config) -> None:
     """Fail early, naming the key, if a data file or local model path does not exist."""
+    from lmtune.data.hub import is_datasets_source
+
     where = cfg._source or "config"
-    for i, entry in enumerate(cfg.datasets):
-        if not Path(os.path.expanduser(entry["path"])).exists():
-            raise UserError(
-                f"datasets[{i}] path '{entry['path']}' does not exist",
-                where=where,
-                hint="fix the 'datasets' key, or make the data with `lmtune data self-cognition`",
-            )
+    for name in ("datasets", "val_datasets"):
+        for i, entry in enumerate(getattr(cfg, name)):
+            if not Path(os.path.expanduser(entry["path"])).exists() and not is_datasets_source(entry):
+                raise UserError(
+                    f"{name}[{i}] path '{entry['path']}' does not exist",
+                    where=where,
+                    hint=f"fix the '{name}' key, or make the data with `lmtune data self-cognition`",
+                )
     if not cfg.datasets:
         raise UserError("no training data: the 'datasets' key is empty", where=where,
                         hint="set datasets = ['path/to/data.jsonl'] in the config or with --cfg-options")
@@ -508,6 +604,12 @@ def check_paths(cfg: Config) -> None:
             f"model path '{cfg.model}' does not exist", where=f"{where} (key 'model')",
             hint="point 'model' at a Hugging Face folder, a .gguf file, a hub id or 'smollm2-135m-instruct'",
         )
+    for key in ("vision_tower", "projector"):
+        value = getattr(cfg, key)
+        if value and value.startswith((".", "/", "~")) and not Path(os.path.expanduser(value)).exists():
+            raise UserError(f"{key} path '{value}' does not exist", where=f"{where} (key '{key}')",
+                            hint="run the pretrain stage first" if key == "projector" else
+                            "point vision_tower at a CLIP or SigLIP folder or hub id")
 
 
 # --------------------------------------------------------------------------- list / copy

@@ -27,8 +27,26 @@ class Resolved:
     notes: list = field(default_factory=list)
 
 
+def _llava_name(name: str, builtin: list[str]) -> Resolved | None:
+    """XTuner's LLaVA names (`llava_internlm2_chat_1_8b_qlora_clip_vit_large_p14_336_lora_e1_gpu8_finetune`)
+    -> our `llava_<llm>_<tower>_<stage>`: the method, epoch and GPU-count parts dropped."""
+    parts = name.split("_")
+    if parts[0] != "llava" or parts[-1] not in ("pretrain", "finetune"):
+        return None
+    kept = [p for p in parts if p not in ("qlora", "lora", "full") and not re.fullmatch(r"(e|gpu)\d+", p)]
+    ours = "_".join(kept)
+    if ours not in builtin:
+        return None
+    epochs = next((int(p[1:]) for p in parts if re.fullmatch(r"e\d+", p)), None)
+    notes = ["the QLoRA / LoRA choices are the config's method, quantization and train_vision_tower keys"]
+    return Resolved(ours, {"max_epochs": epochs} if epochs is not None else {}, notes)
+
+
 def resolve_xtuner_name(name: str, builtin: list[str]) -> Resolved | None:
     """Our nearest built-in for an XTuner-style name, or None if it does not look like one."""
+    llava = _llava_name(name, builtin)
+    if llava is not None:
+        return llava
     m = re.match(r"^(?P<stem>.+?)(?:_e(?P<epochs>\d+))?$", name)
     stem, epochs = m.group("stem"), m.group("epochs")
     parts = stem.split("_")

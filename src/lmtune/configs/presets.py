@@ -30,12 +30,13 @@ NOTES = {
     ),
 }
 DATA = {
+    # name: (path: a file, folder or hub data set id, format, what it is, hub split or None)
     "custom": ("data/my_conversations.jsonl", "openai",
-               "your own conversations, one JSON object per line: {\"messages\": [...]}"),
-    "alpaca": ("data/alpaca_data.json", "alpaca",
-               "Alpaca-style records: instruction / input / output (e.g. tatsu-lab/alpaca, saved locally)"),
-    "oasst1": ("data/oasst1.jsonl", "oasst1",
-               "guanaco-style '### Human: ... ### Assistant: ...' text (e.g. timdettmers/openassistant-guanaco)"),
+               "your own conversations, one JSON object per line: {\"messages\": [...]}", None),
+    "alpaca": ("tatsu-lab/alpaca", "alpaca",
+               "the hub data set (downloaded once; or a local file / save_to_disk folder), see docs/data.md", "train"),
+    "oasst1": ("timdettmers/openassistant-guanaco", "oasst1",
+               "guanaco-style '### Human: ... ### Assistant: ...' text from the hub, see docs/data.md", "train"),
 }
 METHODS = {
     "full": dict(method="full", quantization="none", batch_size=1, accumulative_counts=16, gc="auto"),
@@ -53,7 +54,7 @@ system prompt, evaluation questions) and run `lmtune train ./config/{name}_copy.
 #                          PART 1  Settings                           #
 #######################################################################
 model = {model!r}  # a local folder, a hub id or a .gguf file
-datasets = [dict(path={data_path!r}, format={data_format!r})]  # {data_note}
+datasets = [{data_entry}]  # {data_note}
 prompt_template = 'auto'  # the tokenizer's own chat template; or a name: chatml, llama3_chat, ...
 system = None  # e.g. "You are a helpful assistant."
 max_length = {max_length}
@@ -99,31 +100,205 @@ seed = 42
 
 
 
+# Preference optimisation (docs/preference.md): objective -> (methods, lr full, lr lora, extra lines)
+PREFERENCE = {
+    "dpo": (("full", "lora", "qlora"), 5e-7, 5e-6,
+            'dpo_loss = "sigmoid"  # or "ipo", "hinge"\nbeta = 0.1\nlabel_smoothing = 0.0\n'),
+    "orpo": (("lora", "qlora"), 8e-6, 2e-5, "orpo_lambda = 0.1  # weight of the odds-ratio term beside the SFT loss\n"),
+}
+
+PREF_TEMPLATE = '''"""{title}
+{note}
+Preference pairs, one JSON object per line: {{"prompt": ..., "chosen": ..., "rejected": ...}} (texts or
+message lists; sharegpt / alpaca variants work too, see docs/preference.md). Check them first:
+`lmtune data check {name}_copy.py`. Copy and edit: `lmtune copy-cfg {name} ./config`.
+"""
+
+#######################################################################
+#                          PART 1  Settings                           #
+#######################################################################
+model = {model!r}  # a local folder, a hub id or a .gguf file; usually your SFT model
+datasets = [dict(path="data/my_pairs.jsonl", format="auto")]
+prompt_template = 'auto'  # the tokenizer's own chat template
+system = None
+max_length = {max_length}  # per sequence (prompt + one answer); a packed row holds up to twice this
+pack_to_max_length = True
+
+evaluation_freq = 200
+evaluation_inputs = ["Please introduce yourself.", "请你介绍一下你自己"]
+
+#######################################################################
+#                     PART 2  Model & Objective                       #
+#######################################################################
+method = {method!r}
+quantization = {quantization!r}{quant_note}
+{lora_block}objective = {objective!r}
+{objective_block}{reference_block}torch_dtype = "auto"
+gradient_checkpointing = "auto"  # on a GPU, only the layers the memory needs
+
+#######################################################################
+#                           PART 3  Data                              #
+#######################################################################
+num_proc = 4
+shuffle_before_pack = True
+
+#######################################################################
+#                  PART 4  Optimizer & Schedule                       #
+#######################################################################
+lr = {lr}
+batch_size = 1  # per device, in packed rows of whole pairs
+accumulative_counts = 16
+max_epochs = 1
+max_norm = 1.0
+warmup_ratio = 0.1
+weight_decay = 0.0
+
+#######################################################################
+#                           PART 5  Runtime                           #
+#######################################################################
+save_steps = 500
+save_total_limit = 2
+logging_steps = 10
+seed = 42
+'''
+
+
+
+# Existing vision-language models (AutoModelForImageTextToText): LoRA / QLoRA on the language model
+# over LLaVA-format data; the tower and projector frozen (LLaMA-Factory's defaults).
+VLMS = {
+    # name: (hub id, max_length, lr)
+    "llava_1_5_7b_hf": ("llava-hf/llava-1.5-7b-hf", 2048, 2e-4),
+    "llava_v1_6_mistral_7b_hf": ("llava-hf/llava-v1.6-mistral-7b-hf", 4096, 2e-4),
+    "qwen2_vl_2b_instruct": ("Qwen/Qwen2-VL-2B-Instruct", 4096, 1e-4),
+    "qwen2_5_vl_3b_instruct": ("Qwen/Qwen2.5-VL-3B-Instruct", 4096, 1e-4),
+    "qwen2_5_vl_7b_instruct": ("Qwen/Qwen2.5-VL-7B-Instruct", 4096, 1e-4),
+    "smolvlm_256m_instruct": ("HuggingFaceTB/SmolVLM-256M-Instruct", 4096, 2e-4),
+    "idefics3_8b_llama3": ("HuggingFaceM4/Idefics3-8B-Llama3", 4096, 1e-4),
+}
+VLM_METHODS = ("lora", "qlora")
+VLM_DATA = "llava"  # LLaVA json (sharegpt-shaped, "image" + "<image>" in the text)
+
+VLM_TEMPLATE = '''"""{hub}: {meth} fine-tuning of its language model on LLaVA-format image conversations.
+
+The tower and the projector stay frozen (set train_vision_tower / train_projector to train them).
+The result is an adapter folder with the model's processor; `lmtune convert merge` makes a whole
+model, and `lmtune chat work_dirs/{name} --image IMG` talks to it.
+Copy and edit: `lmtune copy-cfg {name} ./config`, then set the data and image folder.
+"""
+
+#######################################################################
+#                          PART 1  Settings                           #
+#######################################################################
+model = {hub!r}
+# {{"image": "rel/path.jpg", "conversations": [{{"from": "human", "value": "<image>\\n..."}}, {{"from": "gpt", ...}}]}}
+datasets = [dict(path="data/llava_conversations.json", format="sharegpt")]
+image_folder = "data/images"  # relative image paths start here
+prompt_template = "auto"  # the model's own chat template (it writes its image placeholders)
+max_length = {max_length}  # counts the image tokens
+pack_to_max_length = True
+
+evaluation_freq = 0
+evaluation_inputs = []
+
+#######################################################################
+#                     PART 2  Model & Tokenizer                       #
+#######################################################################
+method = "lora"
+quantization = {quantization!r}{quant_note}
+lora_r = 64
+lora_alpha = 16
+lora_dropout = 0.05
+lora_target_modules = "all-linear"  # of the language model
+train_vision_tower = "frozen"  # or "lora" / "full"
+train_projector = "frozen"  # or "lora" / "full"
+torch_dtype = "auto"
+gradient_checkpointing = "auto"  # on a GPU, only the layers the memory needs
+
+#######################################################################
+#                  PART 4  Optimizer & Schedule                       #
+#######################################################################
+lr = {lr}
+batch_size = 1  # packed rows per device
+accumulative_counts = 16
+max_epochs = 1
+max_norm = 1.0
+warmup_ratio = 0.03
+
+#######################################################################
+#                           PART 5  Runtime                           #
+#######################################################################
+save_steps = 500
+save_total_limit = 2
+logging_steps = 10
+seed = 42
+'''
+
+
 def _entries() -> dict[str, tuple]:
-    return {f"{m}_{meth}_{d}": (m, meth, d) for m in MODELS for meth in METHODS for d in DATA}
+    out = {f"{m}_{meth}_{d}": (m, meth, d) for m in MODELS for meth in METHODS for d in DATA}
+    for m in MODELS:
+        for objective, (methods, *_rest) in PREFERENCE.items():
+            for meth in methods:
+                out[f"{m}_{meth}_{objective}_pairs"] = (m, meth, objective)
+    return out
+
+
+def _vlm_entries() -> dict[str, tuple]:
+    return {f"{m}_{meth}_{VLM_DATA}": (m, meth) for m in VLMS for meth in VLM_METHODS}
 
 
 def preset_names() -> list[str]:
-    return sorted(_entries())
+    return sorted({**_entries(), **_vlm_entries()})
+
+
+def _render_vlm(name: str, entry: tuple) -> str:
+    mname, meth = entry
+    hub, max_len, lr = VLMS[mname]
+    return VLM_TEMPLATE.format(
+        name=name, hub=hub, meth=meth, max_length=max_len, lr=lr, quantization="nf4" if meth == "qlora" else "none",
+        quant_note="  # QLoRA: 4-bit language model (tower and projector stay bf16)" if meth == "qlora" else "")
+
+
+def _lora_block(method: str) -> str:
+    return "" if method == "full" else (
+        'lora_r = 64\nlora_alpha = 16\nlora_dropout = 0.1\nlora_target_modules = "all-linear"\n')
+
+
+def _quant_note(meth: str) -> str:
+    return "  # QLoRA: 4-bit NF4 base + LoRA (needs bitsandbytes)" if meth == "qlora" else ""
 
 
 def render(name: str) -> str | None:
     """The config file text of preset `name`, or None if there is no such preset."""
+    if name in _vlm_entries():
+        return _render_vlm(name, _vlm_entries()[name])
     entry = _entries().get(name)
     if entry is None:
         return None
-    mname, meth, dname = entry
+    mname, meth, kind = entry
     hub, max_len, lr_full, lr_lora = MODELS[mname]
     m = METHODS[meth]
-    dpath, dformat, dnote = DATA[dname]
-    lora_block = "" if m["method"] == "full" else (
-        'lora_r = 64\nlora_alpha = 16\nlora_dropout = 0.1\nlora_target_modules = "all-linear"\n')
     note = next((v for k, v in NOTES.items() if mname.startswith(k)), "")
+    if kind in PREFERENCE:
+        _, pref_lr_full, pref_lr_lora, block = PREFERENCE[kind]
+        reference = ""
+        if kind == "dpo":
+            reference = ("precompute_reference = True  # reference log-probs computed once: no second model in memory\n"
+                         if meth == "full" else
+                         "precompute_reference = False  # the reference is this model with its adapter off\n")
+        return PREF_TEMPLATE.format(
+            title=f"{hub}: {kind.upper()} ({meth}) on preference pairs.", note=note, name=name, model=hub,
+            max_length=max_len, method=m["method"], quantization=m["quantization"], quant_note=_quant_note(meth),
+            lora_block=_lora_block(m["method"]), objective=kind, objective_block=block, reference_block=reference,
+            lr=pref_lr_full if meth == "full" else pref_lr_lora)
+    dpath, dformat, dnote, split = DATA[kind]
+    entry = f"dict(path={dpath!r}, split={split!r}, format={dformat!r})" if split else \
+        f"dict(path={dpath!r}, format={dformat!r})"
     return TEMPLATE.format(
-        note=note, title=f"{hub}: {meth} fine-tuning on {dname} data.", name=name, model=hub,
-        data_path=dpath, data_format=dformat, data_note=dnote,
-        max_length=max_len, method=m["method"], quantization=m["quantization"],
-        quant_note="  # QLoRA: 4-bit NF4 base + LoRA (needs bitsandbytes)" if meth == "qlora" else "",
-        lora_block=lora_block, gc=m["gc"], lr=lr_full if meth == "full" else lr_lora,
+        note=note, title=f"{hub}: {meth} fine-tuning on {kind} data.", name=name, model=hub,
+        data_entry=entry, data_note=dnote,
+        max_length=max_len, method=m["method"], quantization=m["quantization"], quant_note=_quant_note(meth),
+        lora_block=_lora_block(m["method"]), gc=m["gc"], lr=lr_full if meth == "full" else lr_lora,
         batch_size=m["batch_size"], accumulative_counts=m["accumulative_counts"],
     )

@@ -27,6 +27,9 @@ class Conversation:
     text: Optional[str] = None
     # Where the record came from, "file:line", for error messages and `data check`.
     source: str = ""
+    # Image references (paths or data: URLs), one per `<image>` placeholder in the messages' text,
+    # in order. Only references: pixels are read when a batch is built (see data/images.py).
+    images: list[str] = field(default_factory=list)
 
     @property
     def is_pretrain(self) -> bool:

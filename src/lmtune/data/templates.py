@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from typing import Iterable, Optional, Union
 
 from lmtune.data.conversation import Message
+from lmtune.data.images import IMAGE_PLACEHOLDER, PARTS_MARK
 from lmtune.errors import UserError
 
 
@@ -302,12 +303,32 @@ def _common_prefix_len(a: str, b: str) -> int:
     return lo
 
 
+def image_parts(content: str) -> list[dict]:
+    """Message text as content parts: each `<image>` (with the newline after it, which belongs to
+    the image in LLaVA's convention) becomes an image part."""
+    parts = []
+    for k, piece in enumerate(content.split(IMAGE_PLACEHOLDER)):
+        if k:
+            parts.append({"type": "image"})
+            piece = piece[1:] if piece.startswith("\n") else piece
+        if piece:
+            parts.append({"type": "text", "text": piece})
+    return parts
+
+
 class TokenizerTemplate(ChatTemplate):
-    """The tokenizer's Jinja chat template ("auto")."""
+    """The tokenizer's Jinja chat template ("auto").
+
+    A vision-language model's template renders images from content parts ({"type": "image"}) as
+    its own placeholder text; for such a template (one that mentions images) every message is
+    passed as parts (`image_parts`), `<image>` in the text becoming an image part.
+    """
 
     def __init__(self, tokenizer):
         self.name = "auto"
         self.tokenizer = tokenizer
+        source = getattr(tokenizer, "chat_template", None)
+        self.image_parts = isinstance(source, str) and "image" in source and PARTS_MARK not in source
         special = set(getattr(tokenizer, "all_special_tokens", []) or [])
         for tok in (getattr(tokenizer, "added_tokens_decoder", None) or {}).values():
             if getattr(tok, "special", False):
@@ -331,7 +352,8 @@ class TokenizerTemplate(ChatTemplate):
 
         try:
             return self.tokenizer.apply_chat_template(
-                [{"role": m.role, "content": m.content} for m in msgs],
+                [{"role": m.role, "content": image_parts(m.content) if self.image_parts else m.content}
+                 for m in msgs],
                 tokenize=False, add_generation_prompt=add_generation_prompt,
             )
         except TemplateError as e:  # e.g. Gemma's "System role not supported"

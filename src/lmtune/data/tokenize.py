@@ -10,6 +10,11 @@ Truncation works on whole turns: a conversation longer than max_length keeps the
 that ends right after a trained turn's end-of-turn token. When even the first trained reply does not
 fit, its content is cut and its end-of-turn token(s) re-appended, so the model never learns to run
 on. A conversation whose prompt alone leaves no room is skipped with reason "prompt_too_long".
+
+Images (a vision-language model's `ImageTokens`, see data/images.py): each image token of the
+tokenized text is replaced by the ids the model expands it into (one per image feature), before
+truncation, so lengths and max_length count image tokens. They never carry loss. A sample keeps
+the references of the images whose tokens it holds, in order ("images").
 """
 
 from __future__ import annotations
@@ -19,8 +24,10 @@ from bisect import bisect_left, insort
 from dataclasses import dataclass, field
 from typing import Optional
 
-from lmtune.data.conversation import Conversation
+from lmtune.data.conversation import Conversation, Message
+from lmtune.data.images import IMAGE_PLACEHOLDER, ImageTokens
 from lmtune.data.templates import ChatTemplate, Segment
+from lmtune.errors import UserError
 
 IGNORE_INDEX = -100
 
@@ -32,6 +39,7 @@ class Encoded:
     samples: list = field(default_factory=list)
     skipped: Optional[str] = None  # reason, e.g. "prompt_too_long", when no sample was made
     truncated: bool = False  # a trained turn (or part of one) was dropped to fit max_length
+    kept: int = 0  # how many leading tokens of the full encoding the (chat) sample holds
 
 
 # --------------------------------------------------------------------------- chat
@@ -74,12 +82,52 @@ def _tokenize_segments(texts: list[str], segs_list: list[list[Segment]], tokeniz
     return out
 
 
-def _finish(ids: list[int], labels: list[int]) -> Encoded:
+def _finish(ids: list[int], labels: list[int], kept: int = -1) -> Encoded:
     if labels:
         labels[0] = IGNORE_INDEX
     if all(x == IGNORE_INDEX for x in labels):
         return Encoded(skipped="no_loss_tokens")
-    return Encoded(samples=[{"input_ids": ids, "labels": labels}])
+    return Encoded(samples=[{"input_ids": ids, "labels": labels}], kept=len(ids) if kept < 0 else kept)
+
+
+def _expand_images(conv: Conversation, ids: list[int], spans: list, images: ImageTokens):
+    """Replace each image token by the model's ids for that image. Returns the new ids and spans,
+    and each image's [start, end) token range."""
+    at = [i for i, t in enumerate(ids) if t == images.image_token_id]
+    if len(at) != len(conv.images):
+        raise UserError(
+            f"the conversation has {len(conv.images)} image(s) but its rendered text has {len(at)} image "
+            f"placeholder(s)", where=conv.source or None,
+            hint=f"write exactly one {IMAGE_PLACEHOLDER} per image, and none in text without an image")
+    if not at:
+        return ids, spans, []
+    new_ids, new_spans, ranges, prev = [], [], [], 0
+    for k, ref in zip(at, conv.images):
+        new_ids += ids[prev:k]
+        new_spans += spans[prev:k]
+        piece = images.ids_for(ref, conv.source)
+        ranges.append((len(new_ids), len(new_ids) + len(piece)))
+        new_ids += piece
+        new_spans += [spans[k]] * len(piece)
+        prev = k + 1
+    return new_ids + ids[prev:], new_spans + spans[prev:], ranges
+
+
+def _with_images(enc: Encoded, conv: Conversation, ranges: list) -> Encoded:
+    """No loss on image tokens; the sample keeps the images it holds whole."""
+    if not ranges or not enc.samples:
+        return enc
+    sample = enc.samples[0]
+    labels = sample["labels"]
+    for a, b in ranges:
+        for i in range(a, min(b, enc.kept)):
+            labels[i] = IGNORE_INDEX
+    if any(a < enc.kept < b for a, b in ranges):  # an image cut in half: nothing sensible to train
+        return Encoded(skipped="prompt_too_long")
+    if all(x == IGNORE_INDEX for x in labels):
+        return Encoded(skipped="no_loss_tokens")
+    sample["images"] = [ref for (a, b), ref in zip(ranges, conv.images) if b <= enc.kept]
+    return enc
 
 
 def _encode_chat(segs: list[Segment], ids: list[int], spans: list, max_length: int) -> Encoded:
@@ -105,7 +153,7 @@ def _encode_chat(segs: list[Segment], ids: list[int], spans: list, max_length: i
     fitting = [c for c in cuts if c <= max_length]
     if fitting:
         cut = fitting[-1]
-        enc = _finish(ids[:cut], labels[:cut])
+        enc = _finish(ids[:cut], labels[:cut], cut)
         enc.truncated = any(x != IGNORE_INDEX for x in labels[cut:])
         return enc
 
@@ -121,7 +169,7 @@ def _encode_chat(segs: list[Segment], ids: list[int], spans: list, max_length: i
             if room < 1 or content_start + room > eot_a:
                 break
             keep = content_start + room
-            enc = _finish(ids[:keep] + ids[eot_a:eot_b], labels[:keep] + labels[eot_a:eot_b])
+            enc = _finish(ids[:keep] + ids[eot_a:eot_b], labels[:keep] + labels[eot_a:eot_b], keep)
             enc.truncated = True
             return enc
         if seg.trains:  # a trained non-assistant message comes first: nothing sensible to cut
@@ -133,6 +181,8 @@ def _encode_chat(segs: list[Segment], ids: list[int], spans: list, max_length: i
 
 
 def _encode_pretrain_ids(ids: list[int], eos_id: Optional[int], max_length: int) -> Encoded:
+    """A document as samples of at most max_length tokens: a longer one is split, never dropped
+    (each piece attends only within itself: its positions restart at 0 in a packed row)."""
     if eos_id is not None and (not ids or ids[-1] != eos_id):
         ids = ids + [eos_id]
     samples = []
@@ -149,8 +199,38 @@ def _encode_pretrain_ids(ids: list[int], eos_id: Optional[int], max_length: int)
 # --------------------------------------------------------------------------- public
 
 
-def encode_many(convs: list[Conversation], tokenizer, template: ChatTemplate, max_length: int) -> list[Encoded]:
-    """Encode a batch of conversations (one batched call into the fast tokenizer)."""
+def _image_messages(conv: Conversation, template: ChatTemplate, images: Optional[ImageTokens]) -> list:
+    """The messages with `<image>` written as the model's placeholder (unless the template renders
+    image parts itself)."""
+    if images is None:
+        if conv.images:
+            raise UserError(f"the conversation has {len(conv.images)} image(s), but the model does not see images",
+                            where=conv.source or None,
+                            hint="set vision_tower (compose a LLaVA) or use a vision-language model")
+        return conv.messages
+    if getattr(template, "image_parts", False) or images.placeholder == IMAGE_PLACEHOLDER:
+        return conv.messages
+    return [Message(m.role, m.content.replace(IMAGE_PLACEHOLDER, images.placeholder), m.loss)
+            for m in conv.messages]
+
+
+def _token_ids(tokenizer, texts: list[str]) -> list[list[int]]:
+    """Token ids of plain texts with the tokenizer's own special tokens (e.g. a BOS): the fast
+    backend's batch call without offsets where there is one (what `tokenizer(texts)` does, less
+    the per-token Python objects), else the tokenizer itself."""
+    backend = getattr(tokenizer, "backend_tokenizer", None) if getattr(tokenizer, "is_fast", False) else None
+    if backend is not None and hasattr(backend, "encode_batch_fast"):
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=True)]
+    return tokenizer(texts, add_special_tokens=True)["input_ids"]
+
+
+def encode_many(convs: list[Conversation], tokenizer, template: ChatTemplate, max_length: int,
+                add_eos: bool = True, images: Optional[ImageTokens] = None) -> list[Encoded]:
+    """Encode a batch of conversations (one batched call into the fast tokenizer).
+
+    `add_eos`: end every plain (pretraining) text with the EOS token, so documents stay apart.
+    `images`: the model's image tokens, for conversations with images (a vision-language model).
+    """
     results: list[Optional[Encoded]] = [None] * len(convs)
     chat_idx, texts, segs_list = [], [], []
     pre_idx, pre_texts = [], []
@@ -159,23 +239,27 @@ def encode_many(convs: list[Conversation], tokenizer, template: ChatTemplate, ma
             pre_idx.append(i)
             pre_texts.append(conv.text)
         else:
-            segs = template.segments(conv.messages)
+            segs = template.segments(_image_messages(conv, template, images))
             chat_idx.append(i)
             segs_list.append(segs)
             texts.append("".join(s.text for s in segs))
     if chat_idx:
         for i, segs, (ids, spans) in zip(chat_idx, segs_list, _tokenize_segments(texts, segs_list, tokenizer)):
-            results[i] = _encode_chat(segs, ids, spans, max_length)
+            ranges = []
+            if images is not None:
+                ids, spans, ranges = _expand_images(convs[i], ids, spans, images)
+            results[i] = _with_images(_encode_chat(segs, ids, spans, max_length), convs[i], ranges)
     if pre_idx:
         # Plain text: the tokenizer's own special tokens (e.g. a BOS) + EOS; every token trains.
-        enc = tokenizer(pre_texts, add_special_tokens=True)["input_ids"]
-        for i, ids in zip(pre_idx, enc):
-            results[i] = _encode_pretrain_ids(list(ids), tokenizer.eos_token_id, max_length)
+        eos = tokenizer.eos_token_id if add_eos else None
+        for i, ids in zip(pre_idx, _token_ids(tokenizer, pre_texts)):
+            results[i] = _encode_pretrain_ids(list(ids), eos, max_length)
     return results  # type: ignore[return-value]
 
 
-def encode_conversation(conv: Conversation, tokenizer, template: ChatTemplate, max_length: int) -> Encoded:
-    return encode_many([conv], tokenizer, template, max_length)[0]
+def encode_conversation(conv: Conversation, tokenizer, template: ChatTemplate, max_length: int,
+                        images: Optional[ImageTokens] = None) -> Encoded:
+    return encode_many([conv], tokenizer, template, max_length, images=images)[0]
 
 
 def encode(conv: Conversation, tokenizer, template: ChatTemplate, max_length: int) -> Optional[dict]:
@@ -194,7 +278,8 @@ def encode(conv: Conversation, tokenizer, template: ChatTemplate, max_length: in
 def pack(samples: list[dict], max_length: int, shuffle: bool = True, seed: int = 0) -> list[dict]:
     """Put several samples in each row (best fit), never splitting one, never over max_length.
 
-    Each row has input_ids, labels, position_ids (restarting at 0 for every sample) and seq_lens.
+    Each row has input_ids, labels, position_ids (restarting at 0 for every sample) and seq_lens;
+    and "images" (in order) when its samples have any.
     """
     order = list(range(len(samples)))
     if shuffle:
@@ -224,6 +309,8 @@ def pack(samples: list[dict], max_length: int, shuffle: bool = True, seed: int =
             row["labels"] += s["labels"]
             row["position_ids"] += range(n)
             row["seq_lens"].append(n)
+            if s.get("images"):
+                row.setdefault("images", []).extend(s["images"])
         rows.append(row)
     return rows
 

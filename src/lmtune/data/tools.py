@@ -1,4 +1,4 @@
-"""The `lmtune data` commands: self-cognition, replace, check, show."""
+"""The `lmtune data` commands: self-cognition, replace, prepare, check, show."""
 
 from __future__ import annotations
 
@@ -9,9 +9,10 @@ from typing import Any
 
 from lmtune.atomic import check_out_file, write_text_atomic
 from lmtune.data import self_cognition_train_phrases as P
+from lmtune.data.report import MASK_CLOSE, MASK_OPEN, histogram, masked_text  # noqa: F401 (used by data show/check)
+from lmtune.data.tokenize import IGNORE_INDEX
 from lmtune.errors import UserError
 
-MASK_OPEN, MASK_CLOSE = "[[", "]]"  # `data show --show masked_text` wraps text without loss in these
 
 
 # --------------------------------------------------------------------------- self-cognition
@@ -131,39 +132,72 @@ def replace_in_file(input, output, old: str, new: str, overwrite: bool = False) 
 
 def _load(cfg):
     from lmtune.data.templates import get_template
-    from lmtune.models.loader import load_tokenizer
+    from lmtune.models.kinds import model_kind
 
-    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+    tokenizer = model_kind(cfg).load_tokenizer(cfg)  # a vision-language model's has its image token
     return tokenizer, get_template(cfg.prompt_template, tokenizer)
 
 
-def histogram(lengths: list[int], max_length: int, buckets: int = 8, width: int = 40) -> str:
-    """A text histogram of token lengths, in equal buckets from 0 to max_length."""
-    if not lengths:
-        return "  (no samples)"
-    step = max(1, -(-max_length // buckets))
-    counts = [0] * buckets
-    for n in lengths:
-        counts[min((n - 1) // step, buckets - 1)] += 1
-    top = max(counts)
-    lines = []
-    for b, c in enumerate(counts):
-        lo, hi = b * step + 1, min((b + 1) * step, max_length)
-        bar = "█" * (round(width * c / top) if top else 0)
-        lines.append(f"  {lo:>6}–{hi:<6} {c:>7}  {bar}")
-    return "\n".join(lines)
+def check_images(cfg, errors: list) -> tuple[int, int]:
+    """Decode every image the config's data names; each unreadable one becomes an error naming its
+    record (file:line). Returns (distinct images, images named). Each image is decoded once."""
+    from lmtune.data.images import check_image
+    from lmtune.data.prepare import iter_source
+
+    seen: dict[str, str | None] = {}
+    named = 0
+    for i, entry in enumerate(cfg.datasets):
+        for conv in iter_source(entry, cfg.data_format, f"datasets[{i}]", errors=[]):  # (read errors: reported below)
+            named += len(conv.images)
+            for ref in conv.images:
+                if ref not in seen:
+                    seen[ref] = check_image(ref)
+                if seen[ref] is not None:
+                    name = f"{ref[:40]}…" if ref.startswith("data:") else ref
+                    errors.append(UserError(f"image '{name}' cannot be read: {seen[ref]}", where=conv.source or None,
+                                            hint="replace the file, or remove the record"))
+                    break
+    return len(seen), named
+
+
+def prepare_command(cfg) -> int:
+    """Build (or find) the token stores and rows of a config's data, ahead of training."""
+    from lmtune.data import preference
+    from lmtune.data.dataset import build_dataset
+
+    tokenizer, template = _load(cfg)
+    if preference.is_preference(cfg.objective):  # pairs are encoded and cached as training does
+        data = preference.build_preference_dataset(cfg, tokenizer, template, True)
+        print(f"data: {len(data.rows)} rows of preference pairs; cached at {data.stats.get('cache_path')}")
+        return 0
+    data = build_dataset(cfg, tokenizer, template, verify=True)  # an existing store is hashed in full
+    st = data.stats
+    print(f"data: {st['conversations']} conversations -> {st['samples']} samples, {st['tokens']} tokens "
+          f"({st['loss_tokens']} carry loss) -> {st['rows']} rows"
+          + (f" ({'packed' if data.packed else 'unpacked'}, max_length {cfg.max_length})"))
+    if data.val_rows is not None:
+        v = st["val"]
+        print(f"validation: {v['conversations']} conversations, {v['tokens']} tokens, {v['rows']} rows")
+    print(f"store: {st['cache_path']} ({'already prepared' if st['cache'] == 'hit' else 'prepared now'}); "
+          "`lmtune train` with this config uses it as it is")
+    return 0
 
 
 def check_command(cfg) -> int:
-    """Validate every record of the config's data and print statistics; 0 if fine, 2 if not."""
-    from lmtune.data.dataset import encode_all, load_conversations, summarize
-    from lmtune.data.tokenize import pack
+    """Validate every record of the config's data and print statistics; 0 if fine, 2 if not.
+
+    The data is encoded into token stores as for training (with bad records skipped and reported);
+    stores of clean data go into the cache, so training reuses them."""
+    from lmtune.data import preference
+    from lmtune.data.dataset import build_dataset
 
     tokenizer, template = _load(cfg)
+    if preference.is_preference(cfg.objective):
+        return preference.check_command(cfg, tokenizer, template)
     errors: list[UserError] = []
-    convs, sources = load_conversations(cfg, template, errors)
-    encoded = encode_all(convs, tokenizer, template, cfg.max_length, cfg.num_proc)
-    samples, stats = summarize(convs, encoded)
+    images = check_images(cfg, errors)
+    data = build_dataset(cfg, tokenizer, template, errors=errors)
+    stats, sources = data.stats, data.stats["sources"]
 
     print(f"template: {template.name}   stop words: {', '.join(template.stop_words)}   max_length: {cfg.max_length}")
     print("sources:")
@@ -184,65 +218,66 @@ def check_command(cfg) -> int:
     print(f"truncated: {stats['truncated']} (a trained turn or part of one was cut to fit max_length)")
     share = stats["loss_tokens"] / stats["tokens"] if stats["tokens"] else 0.0
     print(f"tokens: {stats['tokens']}, carrying loss: {stats['loss_tokens']} ({share:.1%})")
-    if samples and cfg.pack_to_max_length:
-        rows = pack(samples, cfg.max_length, cfg.shuffle_before_pack, cfg.seed)
-        fill = stats["tokens"] / (len(rows) * cfg.max_length)
-        print(f"packed: {len(rows)} rows of {cfg.max_length} tokens, {fill:.1%} full")
+    if images[1]:
+        from lmtune.data.kinds import image_tokens
+
+        image_id = image_tokens(cfg, tokenizer).image_token_id
+        in_rows = [data.rows[i] for i in range(len(data.rows))]
+        n_tokens = sum(sum(1 for t in r["input_ids"] if t == image_id) for r in in_rows)
+        print(f"images: {images[0]} distinct, {sum(len(r.get('images', ())) for r in in_rows)} in samples; "
+              f"{n_tokens} image tokens (counted in the lengths below)")
+    if stats["samples"] and cfg.pack_to_max_length:
+        fill = stats["tokens"] / (stats["rows"] * cfg.max_length)
+        print(f"packed: {stats['rows']} rows of {cfg.max_length} tokens, {fill:.1%} full")
+    if "val" in stats:
+        v = stats["val"]
+        print(f"validation: {v['conversations']} conversations, {v['samples']} samples, {v['tokens']} tokens")
     print("token length histogram:")
-    print(histogram(stats["lengths"], cfg.max_length))
-    if errors or not samples:
+    print(histogram(data.sample_lengths(), cfg.max_length))
+    if errors or not stats["samples"]:
         print("data check: PROBLEMS FOUND" if errors else "data check: no usable samples")
         return 2
     print("data check: OK")
     return 0
 
 
+def _runs_of_images(text: str) -> str:
+    """"<image><image>…" (one token per image feature) shown as "<image>×576"."""
+    import re
+
+    return re.sub(r"(?:<image>){2,}", lambda m: f"<image>×{len(m.group(0)) // len('<image>')}", text)
+
+
 def show_command(cfg, mode: str = "masked_text", n: int = 2) -> int:
-    """Print the first `n` samples after mixing as the trainer sees them.
+    """Print the first `n` samples in training order (before packing), as the trainer sees them.
 
     masked_text prints the decoded text with every part that carries NO loss wrapped in [[ ]], so
     what is outside the brackets is exactly what the model is trained to produce.
     """
-    from lmtune.data.dataset import load_conversations
-    from lmtune.data.tokenize import IGNORE_INDEX, encode_conversation
+    from lmtune.data.dataset import build_dataset
 
     if mode not in ("text", "masked_text", "input_ids", "labels"):
         raise UserError(f"unknown --show mode '{mode}'", hint="use text, masked_text, input_ids or labels")
     tokenizer, template = _load(cfg)
-    convs, _ = load_conversations(cfg, template)
-    shown = 0
-    for conv in convs:
-        if shown >= n:
-            break
-        enc = encode_conversation(conv, tokenizer, template, cfg.max_length)
-        if enc.skipped:
-            print(f"=== {conv.source}: skipped ({enc.skipped})")
-            continue
-        for sample in enc.samples[: n - shown]:
-            ids, labels = sample["input_ids"], sample["labels"]
-            k = sum(1 for x in labels if x != IGNORE_INDEX)
-            print(f"=== sample {shown + 1} ({conv.source}): {len(ids)} tokens, {k} carry loss"
-                  + (", truncated" if enc.truncated else "") + " ===")
-            if mode == "text":
-                print(tokenizer.decode(ids))
-            elif mode == "input_ids":
-                print(ids)
-            elif mode == "labels":
-                print(labels)
-            else:
-                print(masked_text(ids, labels, tokenizer))
-            shown += 1
+    from lmtune.data import preference
+
+    if preference.is_preference(cfg.objective):
+        return preference.show_command(cfg, tokenizer, template, mode, n)
+    data = build_dataset(cfg, tokenizer, template)
+    for shown, sample in enumerate(data.samples_in_order(n)):
+        ids, labels = sample["input_ids"], sample["labels"]
+        k = sum(1 for x in labels if x != IGNORE_INDEX)
+        print(f"=== sample {shown + 1} ({sample['source']}): {len(ids)} tokens, {k} carry loss"
+              + (", truncated" if sample["truncated"] else "") + " ===")
+        if mode == "text":
+            print(tokenizer.decode(ids))
+        elif mode == "input_ids":
+            print(ids)
+        elif mode == "labels":
+            print(labels)
+        else:
+            print(_runs_of_images(masked_text(ids, labels, tokenizer)))
+    for ex in data.stats["skipped_examples"][:n]:
+        print(f"=== {ex['source']}: skipped ({ex['reason']})")
     return 0
 
-
-def masked_text(ids: list[int], labels: list[int], tokenizer) -> str:
-    """Decoded text with the spans that carry no loss wrapped in [[ ]]."""
-    from lmtune.data.tokenize import IGNORE_INDEX
-
-    out, start = [], 0
-    for i in range(1, len(ids) + 1):
-        if i == len(ids) or (labels[i] == IGNORE_INDEX) != (labels[start] == IGNORE_INDEX):
-            text = tokenizer.decode(ids[start:i])
-            out.append(f"{MASK_OPEN}{text}{MASK_CLOSE}" if labels[start] == IGNORE_INDEX else text)
-            start = i
-    return "".join(out)

@@ -6,6 +6,7 @@ place when complete, and never over a folder lmtune did not write unless `overwr
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
 from pathlib import Path
@@ -14,6 +15,7 @@ from lmtune.atomic import HF_MARKER, atomic_dir, check_not_input, check_out_dir
 from lmtune.errors import UserError
 
 META_FILE = HF_MARKER  # lmtune.json: template, system prompt, stop words; marks the folder as lmtune's
+PROCESSOR_FILES = ("processor_config.json", "preprocessor_config.json", "chat_template.jinja", "chat_template.json")
 
 
 def check_hf_out(out, overwrite: bool = False) -> str:
@@ -49,13 +51,15 @@ def _write_meta(folder: Path, cfg, template) -> None:
         "stop_words": list(template.stop_words) if template is not None else [],
         "base_model": cfg.model if cfg is not None else None,
     }
+    if cfg is not None and cfg.vision_tower:  # a composed LLaVA: what it was composed from
+        meta["llava"] = {"llm": cfg.model, "vision_tower": cfg.vision_tower}
     (folder / META_FILE).write_text(json.dumps(meta, indent=1, ensure_ascii=False), encoding="utf-8")
 
 
 def _generation_config(model, tokenizer, template):
     from lmtune.models.generation import stop_token_ids
 
-    gen = model.generation_config
+    gen = getattr(model, "generation_config", None)  # None for a reward model (it does not generate)
     stops = stop_token_ids(tokenizer, template.stop_words if template is not None else [])
     if gen is not None and stops:
         gen.eos_token_id = stops if len(stops) > 1 else stops[0]
@@ -75,8 +79,15 @@ def save_trained_model(model, tokenizer, cfg, template, out, state_dict=None, ma
     lmtune.json (template, system prompt, stop words). `out` is replaced only if it is new, empty,
     a previous lmtune HF folder, or `overwrite` is set (check early with `check_hf_out`)."""
     out = Path(out)
+    processor = None
+    if cfg is not None and _sees_images(cfg):
+        from lmtune.export.vision import full_precision_merge, processor_for
+
+        processor = processor_for(cfg, tokenizer, template)
+        if cfg.vision_tower:  # a composed LLaVA is always written whole (LoRA merged in)
+            model = full_precision_merge(model, cfg)
     is_peft = hasattr(model, "peft_config")
-    if hasattr(template, "jinja"):
+    if hasattr(template, "jinja") and processor is None:
         # A named template: save it as the tokenizer's chat template, so the exported folder
         # renders conversations exactly as in training wherever it is loaded.
         tokenizer.chat_template = template.jinja()
@@ -100,11 +111,19 @@ def save_trained_model(model, tokenizer, cfg, template, out, state_dict=None, ma
                 target = model.to(dtype)
             target.save_pretrained(tmp, safe_serialization=True, max_shard_size=max_shard_size,
                                    state_dict=state_dict)
-        save_tokenizer(tokenizer, tmp)
+        if processor is not None:
+            processor.save_pretrained(tmp)  # image processor, processor config, chat template, tokenizer
+        save_tokenizer(tokenizer, tmp)  # (again) in the form transformers 4.x and 5.x both read
         if gen is not None:
             gen.save_pretrained(tmp)
         _write_meta(tmp, cfg, template)
     return out
+
+
+def _sees_images(cfg) -> bool:
+    from lmtune.models.kinds import model_kind
+
+    return model_kind(cfg).name == "vision_language"
 
 
 # --------------------------------------------------------------------------- pth_to_hf
@@ -131,15 +150,23 @@ def pth_to_hf(config: str | None, checkpoint: str, out: str, fp32: bool = False,
         raise UserError(f"checkpoint '{checkpoint}' is incomplete: {problem}")
     check_not_input(out, checkpoint=ck, config=config)
     check_hf_out(out, overwrite)  # before the slow loading
-    cfg = load_config(config if config else str(ck / "config.py"))
-    tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
-    template = get_template(cfg.prompt_template, tokenizer)
-    model = load_model(cfg.model, dtype="float32" if fp32 else "auto", trust_remote_code=cfg.trust_remote_code,
-                       allow_pickle=cfg.allow_pickle)
-    if cfg.method == "lora":
-        from lmtune.models.kinds import model_kind
+    from lmtune.models.kinds import model_kind
 
-        model = model_kind(cfg).add_lora(model, cfg)
+    cfg = load_config(config if config else str(ck / "config.py"))
+    kind = model_kind(cfg)
+    if kind.name == "vision_language":
+        # Composed (LLM + tower + projector) or an existing VLM, unquantized: a QLoRA checkpoint's
+        # adapters go onto the full-precision model (a composed one is then written merged).
+        cfg = dataclasses.replace(cfg, quantization="none")
+        tokenizer = kind.load_tokenizer(cfg)
+        model = kind.load(cfg, torch.device("cpu"), dtype="float32" if fp32 else "auto")
+    else:
+        tokenizer = load_tokenizer(cfg.model, trust_remote_code=cfg.trust_remote_code)
+        model = load_model(cfg.model, dtype="float32" if fp32 else "auto", trust_remote_code=cfg.trust_remote_code,
+                           allow_pickle=cfg.allow_pickle, head=kind.head)
+    template = get_template(cfg.prompt_template, tokenizer)
+    if cfg.method == "lora":
+        model = kind.add_lora(model, cfg)
     params = dict(model.named_parameters())
     if is_sharded_checkpoint(ck):  # written in parts by FSDP2 / DeepSpeed: put them together
 
@@ -232,7 +259,10 @@ def merge(base: str, adapter: str, out: str, max_shard_size: str = "2GB", save_f
         raise UserError(f"'{adapter}' is not a LoRA adapter folder (no adapter_config.json)")
     check_not_input(out, base=base, adapter=adapter_dir)
     check_hf_out(out, overwrite)  # before the slow loading
-    model = load_model(base, dtype="auto", trust_remote_code=trust_remote_code)
+    # A reward model's adapter (peft task SEQ_CLS) goes on the base loaded as a sequence classifier.
+    task = json.loads((adapter_dir / "adapter_config.json").read_text()).get("task_type")
+    model = load_model(base, dtype="auto", trust_remote_code=trust_remote_code,
+                       head="score" if task == "SEQ_CLS" else "lm")
     check_adapter_fits(model, adapter_dir)
     model = PeftModel.from_pretrained(model, str(adapter_dir))
     merged = model.merge_and_unload()
@@ -255,6 +285,10 @@ def merge(base: str, adapter: str, out: str, max_shard_size: str = "2GB", save_f
         gen_src = adapter_dir / "generation_config.json"
         if gen_src.is_file():
             shutil.copyfile(gen_src, tmp / "generation_config.json")
+        for name in PROCESSOR_FILES:  # a vision-language model's processor: the adapter's, else the base's
+            src = next((d / name for d in (adapter_dir, Path(resolve_model_path(base))) if (d / name).is_file()), None)
+            if src is not None and not (tmp / name).exists():
+                shutil.copyfile(src, tmp / name)
         if meta.is_file():
             shutil.copyfile(meta, tmp / META_FILE)
     print(f"[lmtune] merged model written to {out}")

@@ -1,9 +1,14 @@
 """Model kinds: how a kind of model is loaded, where LoRA goes and how a flat batch is fed to it.
 
-    causal_lm   a decoder-only language model (AutoModelForCausalLM, InternLM2 via our mapping)
+    causal_lm         a decoder-only language model (AutoModelForCausalLM, InternLM2 via our mapping)
+    reward            the same backbone with a scalar head (AutoModelForSequenceClassification, one
+                      label): objective "reward"; exported as a sequence-classification folder
+    vision_language   a LLaVA composed from a causal LM + a vision tower, or an existing
+                      vision-language model (models/vision.py)
 
-A new kind (e.g. a vision-language model) is a new class with the same four methods, returned by
-`model_kind(cfg)`; the loop, the objectives and the strategies stay as they are.
+A new kind is a new class with the same methods, returned by `model_kind(cfg)`; the loop, the
+objectives and the strategies stay as they are. Kinds that see images also say how an image
+becomes tokens (`image_tokens`) and tensors (`vision_inputs`); a causal LM sees none.
 """
 
 from __future__ import annotations
@@ -14,6 +19,7 @@ import torch
 class CausalLM:
     name = "causal_lm"
     peft_task_type = "CAUSAL_LM"
+    head = "lm"  # what load_model puts on the backbone
 
     def load_tokenizer(self, cfg):
         from lmtune.models.loader import load_tokenizer
@@ -32,6 +38,7 @@ class CausalLM:
             cfg.model, dtype=dtype, trust_remote_code=cfg.trust_remote_code, allow_pickle=cfg.allow_pickle,
             quantization=cfg.quantization, device=str(device) if cfg.quantization != "none" else None,
             attn_implementation=None if cfg.attn_implementation == "auto" else cfg.attn_implementation,
+            head=self.head,
         )
 
     def lora_targets(self, cfg, model):
@@ -52,8 +59,34 @@ class CausalLM:
         """forward() keyword arguments of a flat batch (one row, restarting position ids)."""
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
 
+    def image_tokens(self, cfg, tokenizer):
+        return None  # sees no images
 
-def model_kind(cfg) -> CausalLM:
+    def vision_inputs(self, rows: list[dict], batch: dict) -> dict:
+        return {}
+
+
+class RewardModel(CausalLM):
+    name = "reward"
+    peft_task_type = "SEQ_CLS"  # peft then also trains and saves the new `score` head
+    head = "score"
+
+    def load(self, cfg, device: torch.device):
+        model = super().load(cfg, device)
+        if cfg.quantization != "none":
+            model.score.float()  # the new head trains in full precision next to the 4/8-bit body
+        return model
+
+
+def model_kind(cfg):
+    """The kind of `cfg.model`: a reward model for objective "reward"; vision-language when a vision
+    tower is composed with it or its config is an image-text-to-text model; else a causal LM."""
+    from lmtune.models import vision
+
+    if cfg.objective == "reward":
+        return RewardModel()
+    if cfg.vision_tower or vision.is_vision_language(vision.read_model_config(cfg.model)):
+        return vision.VisionLanguage(cfg)
     return CausalLM()
 
 
@@ -62,13 +95,25 @@ def base_model(model):
     return model.get_base_model() if hasattr(model, "get_base_model") else model
 
 
+def language_model(model):
+    """A vision-language model's language model (its decoder stack), else the model itself."""
+    base = base_model(model)
+    inner = getattr(base, "model", None)
+    if getattr(base.config, "text_config", None) is not None:
+        for name in ("language_model", "text_model"):
+            if hasattr(inner, name):
+                return getattr(inner, name)
+    return model
+
+
 def decoder_layers(model) -> list:
-    """The transformer blocks (what gets sharded, checkpointed or compiled one by one):
-    transformers names their classes in `_no_split_modules`."""
+    """The transformer blocks of the language model (what gets sharded, checkpointed or compiled one
+    by one): transformers names their classes in `_no_split_modules`."""
+    root = language_model(model)
     names = set(getattr(base_model(model), "_no_split_modules", None) or [])
-    layers = [m for m in model.modules() if type(m).__name__ in names]
+    layers = [m for m in root.modules() if type(m).__name__ in names]
     if not layers:
         from transformers.modeling_layers import GradientCheckpointingLayer
 
-        layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+        layers = [m for m in root.modules() if isinstance(m, GradientCheckpointingLayer)]
     return layers

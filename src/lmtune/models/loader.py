@@ -153,6 +153,13 @@ def _read_config(folder: str) -> dict | None:
     return None
 
 
+def is_vision_language(config: dict | None) -> bool:
+    """Whether a model config (config.json as a dict) is an image-text-to-text model."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+    return bool(config) and config.get("model_type") in MODEL_FOR_IMAGE_TEXT_TO_TEXT_MAPPING_NAMES
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
@@ -182,7 +189,14 @@ def torch_dtype(name: str, device: str = "cpu"):
     return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
 
 
-def quantization_config(kind: str, compute_dtype=None):
+# A vision-language model's tower and projector stay unquantized (QLoRA quantizes only the LLM, as
+# XTuner and LLaMA-Factory do): names bitsandbytes skips.
+# transformers matches these from the start of a module's full name (or as its suffix).
+VISION_SKIP_MODULES = ["lm_head", "model.vision_tower", "model.multi_modal_projector", "model.image_newline",
+                       "model.visual", "model.vision_model", "model.connector"]
+
+
+def quantization_config(kind: str, compute_dtype=None, skip_modules: list | None = None):
     """A bitsandbytes config for "nf4" (QLoRA) or "int8"; None for "none"."""
     if kind in (None, "none"):
         return None
@@ -197,6 +211,7 @@ def quantization_config(kind: str, compute_dtype=None):
     from transformers import BitsAndBytesConfig
 
     compute_dtype = compute_dtype or torch.bfloat16
+    skip = {"llm_int8_skip_modules": skip_modules} if skip_modules else {}
     if kind == "nf4":
         return BitsAndBytesConfig(
             load_in_4bit=True,
@@ -204,9 +219,10 @@ def quantization_config(kind: str, compute_dtype=None):
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute_dtype,
             bnb_4bit_quant_storage=compute_dtype,
+            **skip,
         )
     if kind == "int8":
-        return BitsAndBytesConfig(load_in_8bit=True)
+        return BitsAndBytesConfig(load_in_8bit=True, **skip)
     raise UserError(f"unknown quantization '{kind}'", hint="use 'none', 'nf4' or 'int8'")
 
 
@@ -221,9 +237,14 @@ def load_model(
     attn_implementation: str | None = None,
     adapter: str | None = None,
     adapter_trainable: bool = False,
+    head: str = "lm",
 ):
-    """Load a causal LM (optionally quantized, optionally with a LoRA adapter on top)."""
-    from transformers import AutoModelForCausalLM
+    """Load a causal LM or a vision-language model (AutoModelForImageTextToText), optionally
+    quantized, optionally with a LoRA adapter on top.
+
+    head = "score": the same checkpoint as a sequence classifier with one output (a reward model:
+    the language-model backbone plus a new scalar head)."""
+    from transformers import AutoModelForCausalLM, AutoModelForImageTextToText, AutoModelForSequenceClassification
 
     path = resolve_model_path(name_or_path)
     # A folder holding only an adapter: load its base, then the adapter.
@@ -233,11 +254,14 @@ def load_model(
         base = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
         return load_model(base, dtype=dtype, trust_remote_code=trust_remote_code, allow_pickle=allow_pickle,
                           quantization=quantization, device=device, attn_implementation=attn_implementation,
-                          adapter=path, adapter_trainable=adapter_trainable)
+                          adapter=path, adapter_trainable=adapter_trainable, head=head)
     if Path(path).is_dir():
         _check_weights_present(Path(path), allow_pickle)
     dt = torch_dtype(dtype)
-    qconfig = quantization_config(quantization, compute_dtype=None if dt == "auto" else dt)
+    config = _read_config(path) if Path(path).is_dir() else _hub_config(path, trust_remote_code)
+    vision = is_vision_language(config)
+    qconfig = quantization_config(quantization, compute_dtype=None if dt == "auto" else dt,
+                                  skip_modules=VISION_SKIP_MODULES if vision else None)
     kwargs = dict(dtype=dt, trust_remote_code=trust_remote_code, use_safetensors=None if allow_pickle else True)
     if qconfig is not None:
         kwargs["quantization_config"] = qconfig
@@ -250,12 +274,19 @@ def load_model(
         from lmtune.models.internlm2 import internlm2_folder, load_internlm2
 
         il_dir = internlm2_folder(path)
+    if il_dir and head != "lm":
+        raise UserError("reward models on InternLM2-layout checkpoints are not supported",
+                        hint="convert the checkpoint to the Llama layout first (`lmtune convert pth_to_hf`)")
     if il_dir:
         model = load_internlm2(il_dir, dtype=dt, device_map=kwargs.get("device_map"), quantization_config=qconfig,
                                allow_pickle=allow_pickle, attn_implementation=kwargs.get("attn_implementation"))
     else:
+        auto = AutoModelForImageTextToText if vision else AutoModelForCausalLM
         try:
-            model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+            if head == "score":
+                model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
+            else:
+                model = auto.from_pretrained(path, **kwargs)
         except ValueError as e:
             if "trust_remote_code" in str(e):
                 raise UserError(
@@ -270,6 +301,15 @@ def load_model(
 
         model = PeftModel.from_pretrained(model, adapter, is_trainable=adapter_trainable)
     return model
+
+
+def _hub_config(hub_id: str, trust_remote_code: bool) -> dict | None:
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(hub_id, trust_remote_code=trust_remote_code).to_dict()
+    except Exception:  # unknown id / no network: from_pretrained below says so properly
+        return None
 
 
 def _check_weights_present(folder: Path, allow_pickle: bool) -> None:

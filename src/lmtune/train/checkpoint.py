@@ -129,6 +129,16 @@ def latest_checkpoint(work_dir: Path, quiet: bool = False) -> Path | None:
     return None
 
 
+def diverged(work_dir: Path, loss: float, step: int) -> UserError:
+    """The error for a non-finite loss: nothing is saved for this step; the last good checkpoint stays."""
+    prev = latest_checkpoint(work_dir, quiet=True)
+    kept = f"the last good checkpoint is {prev}" if prev else "no checkpoint had been saved yet"
+    return UserError(f"the loss became {loss} at step {step}; training stopped and nothing was saved for this "
+                     f"step ({kept})",
+                     hint="lower lr, enable gradient clipping (max_norm), or check the data of this step; "
+                          "resume with --resume auto")
+
+
 def resolve_resume(work_dir: Path, resume: str | None) -> Path | None:
     if resume is None:
         return None
@@ -151,11 +161,28 @@ def resolve_resume(work_dir: Path, resume: str | None) -> Path | None:
     return path
 
 
+BEST_FILE = "best_checkpoint.json"  # the checkpoint with the lowest validation loss (save_best)
+
+
+def write_best(work_dir: Path, record: dict) -> None:
+    tmp = work_dir / f".{BEST_FILE}.tmp"
+    tmp.write_text(json.dumps(record), encoding="utf-8")
+    os.replace(tmp, work_dir / BEST_FILE)
+
+
+def best_checkpoint(work_dir: Path) -> Path | None:
+    try:
+        return work_dir / Path(json.loads((work_dir / BEST_FILE).read_text(encoding="utf-8"))["path"]).name
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def prune_checkpoints(work_dir: Path, keep: int) -> None:
-    """Keep the newest `keep` complete checkpoints (0 = keep all)."""
+    """Keep the newest `keep` complete checkpoints (0 = keep all), and the best one (save_best)."""
     if keep <= 0:
         return
-    complete = [p for p in list_checkpoints(work_dir) if verify_checkpoint(p) is None]
+    best = best_checkpoint(work_dir)
+    complete = [p for p in list_checkpoints(work_dir) if verify_checkpoint(p) is None and p != best]
     for old in complete[keep:]:
         shutil.rmtree(old, ignore_errors=True)
 

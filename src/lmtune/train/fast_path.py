@@ -118,8 +118,16 @@ def choose_loss(cfg, device: torch.device, model) -> tuple[str, str]:
     return "chunked", "fused linear + cross-entropy in chunks: the (tokens x vocab) logits never exist"
 
 
+def _language_model(model):
+    """The part liger patches (a vision-language model's language model) and its model type."""
+    from lmtune.models.kinds import language_model
+
+    target = language_model(model)
+    return target, getattr(getattr(target, "config", None), "model_type", None)
+
+
 def choose_kernels(cfg, device: torch.device, model) -> tuple[str, str]:
-    mt = getattr(getattr(model, "config", None), "model_type", None)
+    mt = _language_model(model)[1]
     if cfg.use_liger_kernel == "off":
         return "none", "set in the config"
     reason = None
@@ -188,9 +196,10 @@ def setup_base_model(model, cfg, device: torch.device, amp_dtype) -> FastPath:
 
         # liger's public entry point; it swaps these layers' forward for Triton kernels (and, for
         # RoPE, the modelling module's function), leaving weights and state-dict names unchanged.
-        MODEL_TYPE_TO_APPLY_LIGER_FN[model.config.model_type](
+        target, mt = _language_model(model)
+        MODEL_TYPE_TO_APPLY_LIGER_FN[mt](
             rope=True, rms_norm=True, swiglu=True, cross_entropy=False, fused_linear_cross_entropy=False,
-            model=model)
+            model=target)
 
     fp.lora, fp.why["lora"] = choose_lora(cfg, device)
     if fp.lora == "fused":
@@ -283,6 +292,7 @@ def plan_memory(fp: FastPath, model, cfg, device: torch.device, amp_dtype) -> No
             fp.why["micro"] = f"batch_tokens = 'auto': batch_size rows ({why})"
         return
     config = base_model(model).config
+    config = config.get_text_config() if hasattr(config, "get_text_config") else config  # a VLM's LLM
     emb = base_model(model).get_input_embeddings()
     fp32_stream = amp_dtype is not None and getattr(emb, "weight", None) is not None and emb.weight.dtype == torch.float32
     per_token = memory.activation_bytes_per_token(config, liger=fp.kernels == "liger", fp32_stream=fp32_stream,

@@ -4,9 +4,9 @@
     trainer.setup(resume_from)   # tokenizer, data, model (+LoRA), objective, optimizer, schedule, state
     trainer.train()              # steps, logging, probes, checkpoints, final Hugging Face export
 
-The Trainer can be given its parts instead of building them from the config (benchmarks and
-tests do): `Trainer(cfg, work_dir, model=base_model, rows=rows, objective=obj, tokenizer=tok)`.
-A given `model` is the base model before adapters; the Trainer adds LoRA and the fast path.
+The Trainer can be given its parts instead of building them from the config (benchmarks and tests
+do): `Trainer(cfg, work_dir, model=base_model, rows=rows, objective=obj, tokenizer=tok)`; a given
+`model` is the base model before adapters (the Trainer adds LoRA and the fast path).
 
 One optimizer step consumes `batch_size × accumulative_counts × world_size` rows (micro-batches of
 `batch_size` rows, or of up to `batch_tokens` tokens). The step's loss is the objective's sum over
@@ -29,7 +29,7 @@ import torch
 
 from lmtune.config import Config, check_paths, dump_config
 from lmtune.errors import UserError
-from lmtune.train import checkpoint as ckpt
+from lmtune.train import checkpoint as ckpt, evaluate
 from lmtune.train.batch import micro_batches, to_device
 from lmtune.train.objectives import Forward, make_objective
 from lmtune.train.run_identity import check_resume, prepare_work_dir, run_identity
@@ -51,7 +51,7 @@ class TrainState:
 
 class Trainer:
     def __init__(self, cfg: Config, work_dir: str | Path, dist=None, *, model=None, rows=None, objective=None,
-                 tokenizer=None, template=None, model_kind=None):
+                 tokenizer=None, template=None, model_kind=None, val_rows=None):
         from lmtune.models.kinds import model_kind as kind_for
 
         self.cfg = cfg
@@ -60,7 +60,7 @@ class Trainer:
         self.dist = dist or SingleProcess()
         self.io = self.dist.state  # checkpoint I/O and export gathering
         self.kind = model_kind or kind_for(cfg)
-        self.model, self.rows, self.objective = model, rows, objective
+        self.model, self.rows, self.objective, self.val_rows = model, rows, objective, val_rows
         self.tokenizer, self.template = tokenizer, template
         self.state = TrainState()
         self.log = RunLog(self.work_dir, enabled=self.dist.is_main)
@@ -76,7 +76,7 @@ class Trainer:
         self.dist.setup_precision(self.amp_dtype, self.device)
         self._setup_tokenizer_and_data()
         self._setup_model()
-        self.objective = self.objective or make_objective(cfg)
+        self.objective = self.objective or make_objective(cfg, kind=self.kind)
         self._setup_optimizer()
         self.identity = run_identity(cfg, self.rows, self.rows_per_step, self.dist.world_size, self.dist.name)
         if resume_from is not None:
@@ -97,10 +97,11 @@ class Trainer:
             self.template = get_template(cfg.prompt_template, self.tokenizer)
         self.data_stats = {}
         if self.rows is None:
-            from lmtune.data.dataset import build_dataset
+            from lmtune.data.build import build_training_data
 
-            data = build_dataset(cfg, self.tokenizer, self.template)
+            data = build_training_data(cfg, self.tokenizer, self.template)
             self.rows, self.data_stats = data.rows, data.stats
+            self.val_rows = getattr(data, "val_rows", None)
         if not self.rows:
             raise UserError("the training data is empty after tokenization", where=cfg._source,
                             hint="run `lmtune data check CONFIG` to see what was skipped and why")
@@ -192,14 +193,7 @@ class Trainer:
             loss, metrics = self.step()
             step = self.state.step
             if not math.isfinite(loss):
-                prev = ckpt.latest_checkpoint(self.work_dir, quiet=True)
-                kept = f"the last good checkpoint is {prev}" if prev else "no checkpoint had been saved yet"
-                raise UserError(
-                    f"the loss became {loss} at step {step}; training stopped and nothing was saved for this "
-                    f"step ({kept})",
-                    hint="lower lr, enable gradient clipping (max_norm), or check the data of this step; "
-                    "resume with --resume auto",
-                )
+                raise ckpt.diverged(self.work_dir, loss, step)
             elapsed = time.time() - t_start
             tok_s = (self.state.tokens_seen - tokens_at_start) / max(elapsed, 1e-9)
             lr = self.scheduler.get_last_lr()[0]
@@ -214,8 +208,8 @@ class Trainer:
                 self.log.plot(self.state.history, self.state.metrics, force=step == self.total_steps)
             if cfg.evaluation_freq and step % cfg.evaluation_freq == 0 and step != self.total_steps:
                 self._probe()
-            if step % cfg.save_steps == 0 or step == self.total_steps:
-                self.save_checkpoint()
+            if not evaluate.validate_if_due(self) and (step % cfg.save_steps == 0 or step == self.total_steps):
+                self.save_checkpoint()  # (validation, first, may just have saved this step as the new best)
         if bar is not None:
             bar.close()
         if cfg.evaluation_inputs:
@@ -282,9 +276,6 @@ class Trainer:
                     dynamic_ncols=True, file=sys.stderr)
 
     # ------------------------------------------------------------------ checkpoints
-    def trainable_state_dict(self) -> dict[str, torch.Tensor]:
-        return self.io.trainable_state_dict(self.model)
-
     def save_checkpoint(self) -> Path | None:
         """Write iter_N atomically (every process takes part; the main process writes)."""
         from safetensors.torch import save_file
@@ -302,7 +293,7 @@ class Trainer:
             self.io.save_shards(self.train_model, self.optimizer, stage)
             self.dist.barrier()
         else:
-            weights = self.trainable_state_dict()
+            weights = self.io.trainable_state_dict(self.model)
             optim_state = self.io.optimizer_state_dict(self.model, self.optimizer)
         if not self.dist.is_main:
             self.dist.barrier()

@@ -28,12 +28,16 @@ MUST_MATCH = {
 }
 
 # What lmtune itself writes into a work dir (and may remove with --overwrite).
-OWN_FILES = ("hf", "logs", "config.py", "loss_curve.png", ".loss_curve.tmp.png")
+OWN_FILES = ("hf", "logs", "config.py", "loss_curve.png", ".loss_curve.tmp.png", "best_checkpoint.json")
 
 
 def data_fingerprint(rows) -> str:
-    """A hash of every row's tokens, labels and positions (what training reads)."""
+    """A hash of every row's tokens, labels and positions (what training reads). Rows from the
+    token store carry one already (a hash of the stores' contents and the rows index)."""
     import numpy as np
+
+    if getattr(rows, "fingerprint", None):
+        return rows.fingerprint
 
     h = hashlib.sha256()
     h.update(str(len(rows)).encode())
@@ -47,12 +51,16 @@ def data_fingerprint(rows) -> str:
 
 
 def run_identity(cfg, rows, rows_per_step: int, world_size: int, strategy: str) -> dict:
-    return {
+    identity = {
         "model": cfg.model, "method": cfg.method, "objective": cfg.objective, "quantization": cfg.quantization,
         "lora": [cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules] if cfg.method == "lora" else None,
         "data_fingerprint": data_fingerprint(rows), "rows_per_step": rows_per_step,
         "world_size": world_size, "strategy": strategy,
     }
+    parts = [cfg.vision_tower, cfg.vision_stage, cfg.train_llm, cfg.train_vision_tower, cfg.train_projector]
+    if parts != [None, "finetune", True, "frozen", "auto"]:  # what trains in a vision-language model
+        identity["vision"] = parts
+    return identity
 
 
 def _lmtune_entries(work_dir: Path) -> list[Path]:

@@ -33,7 +33,8 @@ class RunLog:
             self.tb = None
 
     def write(self, record: dict) -> None:
-        """One JSON line; scalar fields of a step record also go to TensorBoard as train/<key>."""
+        """One JSON line; scalar fields of a step record also go to TensorBoard as train/<key>,
+        those of a validation record (val_loss, val_ppl) as val/<name>."""
         if self.file is None:
             return
         record = {"time": round(time.time(), 3), **record}
@@ -43,9 +44,13 @@ class RunLog:
             for key, value in record.items():
                 if key not in ("time", "step", "epoch", "tokens_seen") and isinstance(value, (int, float)):
                     self.tb.add_scalar(f"train/{key}", value, record["step"])
+        elif self.tb is not None and "val_loss" in record:
+            for key in ("val_loss", "val_ppl"):
+                self.tb.add_scalar(f"val/{key[4:]}", record[key], record["step"])
 
     def plot(self, history: list, metrics: dict | None = None, force: bool = False) -> None:
-        """Loss curve PNG (plus the objective's metrics in a second panel, when it logs any)."""
+        """Loss curve PNG, with the validation loss (metrics["val_loss"]) on the same axes, plus
+        the objective's other metrics in a second panel when it logs any."""
         if self.file is None or not history or (not force and time.time() - self.last_plot <= 5):
             return
         import matplotlib
@@ -53,14 +58,19 @@ class RunLog:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
+        metrics = dict(metrics or {})
+        val = metrics.pop("val_loss", None)
         panels = 2 if metrics else 1
         fig, axes = plt.subplots(1, panels, figsize=(6 * panels, 3.5), dpi=100, squeeze=False)
         steps, losses = zip(*history)
         ax = axes[0][0]
-        ax.plot(steps, losses, lw=1.2)
+        ax.plot(steps, losses, lw=1.2, label="training")
+        if val:
+            ax.plot(*zip(*val), "o-", lw=1.2, ms=3, label="validation")
+            ax.legend(fontsize=8)
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
-        ax.set_title("training loss")
+        ax.set_title("training and validation loss" if val else "training loss")
         ax.grid(alpha=0.3)
         if metrics:
             ax = axes[0][1]

@@ -54,14 +54,19 @@ def loss_sum(model, batch: dict, chunk_tokens: int = 4096, fast=None, forward: F
 class NextToken(Objective):
     """The step loss is the mean over every loss token of the whole optimizer step."""
 
-    def __init__(self, name: str = "sft"):
+    def __init__(self, name: str = "sft", extra_inputs=None):
         self.name = name
+        # (rows, batch) -> more batch tensors, e.g. a vision-language kind's pixel values
+        self.extra_inputs = extra_inputs
 
     def count(self, rows: list[dict]) -> int:
         return count_loss_tokens(rows)
 
     def make_batch(self, rows: list[dict]) -> dict:
-        return flat_batch(rows)
+        batch = flat_batch(rows)
+        if self.extra_inputs is not None:
+            batch.update(self.extra_inputs(rows, batch))
+        return batch
 
     def loss(self, model, batch: dict, forward: Forward):
         s, _ = loss_sum(model, batch, forward=forward)

@@ -18,7 +18,7 @@ DEEPSPEED_NAMES = {
     "zero1": "zero1", "zero2": "zero2", "zero2_offload": "zero2_offload", "zero3": "zero3",
     "zero3_offload": "zero3_offload",
 }
-TEMPLATE_DIR = Path(__file__).parent.parent / "deepspeed_configs"
+TEMPLATE_DIR = Path(__file__).parent.parent / "deepspeed_configs"  # src/lmtune/train/deepspeed_configs
 
 
 def deepspeed_template(name_or_path: str) -> dict:

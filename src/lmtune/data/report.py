@@ -1,0 +1,36 @@
+"""Small text renderings shared by `lmtune data check` / `data show` (SFT and preference data)."""
+
+from __future__ import annotations
+
+MASK_OPEN, MASK_CLOSE = "[[", "]]"  # `data show --show masked_text` wraps text without loss in these
+
+
+def histogram(lengths, max_length: int, buckets: int = 8, width: int = 40) -> str:
+    """A text histogram of token lengths (a sequence or an array), in equal buckets up to max_length."""
+    import numpy as np
+
+    lengths = np.asarray(lengths, dtype=np.int64)
+    if not len(lengths):
+        return "  (no samples)"
+    step = max(1, -(-max_length // buckets))
+    counts = np.bincount(np.minimum((lengths - 1) // step, buckets - 1), minlength=buckets).tolist()
+    top = max(counts)
+    lines = []
+    for b, c in enumerate(counts):
+        lo, hi = b * step + 1, min((b + 1) * step, max_length)
+        bar = "█" * (round(width * c / top) if top else 0)
+        lines.append(f"  {lo:>6}–{hi:<6} {c:>7}  {bar}")
+    return "\n".join(lines)
+
+
+def masked_text(ids: list[int], labels: list[int], tokenizer) -> str:
+    """Decoded text with the spans that carry no loss wrapped in [[ ]]."""
+    from lmtune.data.tokenize import IGNORE_INDEX
+
+    out, start = [], 0
+    for i in range(1, len(ids) + 1):
+        if i == len(ids) or (labels[i] == IGNORE_INDEX) != (labels[start] == IGNORE_INDEX):
+            text = tokenizer.decode(ids[start:i])
+            out.append(f"{MASK_OPEN}{text}{MASK_CLOSE}" if labels[start] == IGNORE_INDEX else text)
+            start = i
+    return "".join(out)
