@@ -56,6 +56,16 @@ def _row_of(config: dict, elem_id: str) -> dict:
     raise AssertionError(f"{elem_id} is in no row")
 
 
+def test_the_loss_curve_has_a_point_per_logged_step():
+    from lmtune.webui.app import loss_svg
+
+    svg = loss_svg([(1, 3.0), (2, 2.5), (3, 2.4)], [(1, 1e-3), (2, 5e-4), (3, 0.0)], total=10,
+                   val_losses=[(3, 2.6)])
+    assert svg.count('class="loss-point"') == 3 and svg.count('class="val-point"') == 1
+    assert 'data-step="3"' in svg and "step 3: loss 2.4000" in svg and "learning rate" in svg
+    assert "appears here" in loss_svg([]) and 'class="loss-point"' not in loss_svg([])
+
+
 def test_scaling_choices_become_config_keys_and_processes():
     from lmtune.webui import form as F
 
@@ -171,7 +181,7 @@ def test_browser_trains_watches_chats_and_exports(tmp_path):
                 page.locator(f"#webui-{key} input").fill(str(value))
 
             for key, value in {"max_steps": 4, "max_length": 96, "batch_size": 2, "accumulative_counts": 1,
-                               "lora_r": 8, "lora_alpha": 16, "save_steps": 2}.items():
+                               "lora_r": 8, "lora_alpha": 16, "save_steps": 2, "val_set_size": 2}.items():
                 number(key, value)
             page.locator("#webui-evaluation_inputs textarea").fill("Who are you?")
 
@@ -215,6 +225,7 @@ def test_browser_trains_watches_chats_and_exports(tmp_path):
             assert "finished" in status.inner_text(), page.locator("#webui-log").inner_text()
             assert progress.inner_text().strip() == "step 4 / 4 (100%)"
             assert points.count() == 4
+            assert page.locator("#webui-loss rect.val-point").count() == 1  # validated at the end
             assert len([c for c in counts if 0 < c < 4]) >= 1, f"the curve never grew live: {counts}"
             assert "Probe answers at step 4" in page.locator("#webui-probes").inner_text()
             assert "final model written" in page.locator("#webui-log").inner_text()

@@ -155,11 +155,12 @@ def test_progress_reads_a_log_with_a_resume_and_a_partial_last_line(tmp_path):
     (logs / "train_log.jsonl").write_text(
         '{"step": 0, "total_steps": 4}\n{"step": 1, "loss": 3.0, "lr": 0.1}\n{"step": 2, "loss": 2.5, "lr": 0.1}\n'
         '{"step": 3, "loss": 2.4, "lr": 0.1}\n{"step": 1, "total_steps": 5}\n{"step": 2, "loss": 2.6, "lr": 0.2}\n'
-        '{"step": 2, "probe": [{"question": "q", "answer": "a"}]}\n{"step": 3, "lo')
+        '{"step": 2, "probe": [{"question": "q", "answer": "a"}]}\n{"step": 2, "val_loss": 2.7, "val_ppl": 14.9}\n'
+        '{"step": 3, "lo')
     (tmp_path / runs.OUTPUT_LOG).write_text("=== webui: x\nline 1\ntrain: 10%\rtrain: 20%\rtrain: 40%\n")
     p = runs.read_progress(tmp_path)
     assert p.losses == [(1, 3.0), (2, 2.6)] and p.total == 5 and p.step == 2 and p.percent == 40.0
-    assert p.probes == [{"question": "q", "answer": "a"}]
+    assert p.probes == [{"question": "q", "answer": "a"}] and p.val_losses == [(2, 2.7)]
     assert p.log_tail.splitlines()[-1] == "train: 40%"  # a progress bar shows its newest state
     assert p.state == "ended"  # a run not started from this page
 

@@ -84,10 +84,10 @@ def _ticks(lo: float, hi: float, n: int = 4) -> list[float]:
     return [lo + (hi - lo) * i / n for i in range(n + 1)]
 
 
-def loss_svg(losses: list, lrs: list | None = None, total: int | None = None, width: int = 640,
-             height: int = 240) -> str:
-    """The loss curve as an inline SVG (one circle per logged step), the learning rate dashed on
-    its own scale. Inline so it needs no plotting library or network."""
+def loss_svg(losses: list, lrs: list | None = None, total: int | None = None, val_losses: list | None = None,
+             width: int = 640, height: int = 240) -> str:
+    """The loss curve as an inline SVG (one circle per logged step; validation losses as green
+    squares), the learning rate dashed on its own scale. Inline: no plotting library, no network."""
     left, right, top, bottom = 56, 56 if lrs else 16, 14, 34
     w, h = width - left - right, height - top - bottom
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" viewBox="0 0 {width} {height}" width="100%" '
@@ -97,8 +97,9 @@ def loss_svg(losses: list, lrs: list | None = None, total: int | None = None, wi
         parts.append(f'<text x="{left + w / 2}" y="{top + h / 2}" text-anchor="middle" fill="#9ca3af">'
                      'the loss curve appears here once training logs its first step</text></svg>')
         return "".join(parts)
-    x_max = max(total or 0, losses[-1][0], 1)
-    ys = [v for _, v in losses]
+    val_losses = val_losses or []
+    x_max = max(total or 0, losses[-1][0], *(s for s, _ in val_losses), 1)
+    ys = [v for _, v in losses] + [v for _, v in val_losses]
     y_lo, y_hi = min(ys), max(ys)
     if y_hi - y_lo < 1e-9:
         y_lo, y_hi = y_lo - 0.5, y_hi + 0.5
@@ -134,6 +135,13 @@ def loss_svg(losses: list, lrs: list | None = None, total: int | None = None, wi
     for s, v in losses:
         parts.append(f'<circle class="loss-point" data-step="{s}" cx="{sx(s):.1f}" cy="{sy(v):.1f}" r="{r}" '
                      f'fill="#ea580c"><title>step {s}: loss {v:.4f}</title></circle>')
+    if val_losses:
+        pts = " ".join(f"{sx(s):.1f},{sy(v):.1f}" for s, v in val_losses)
+        parts.append(f'<polyline points="{pts}" fill="none" stroke="#16a34a" stroke-width="1.2"/>')
+        for s, v in val_losses:
+            parts.append(f'<rect class="val-point" x="{sx(s) - 3.5:.1f}" y="{sy(v) - 3.5:.1f}" width="7" height="7" '
+                         f'fill="#16a34a"><title>step {s}: validation loss {v:.4f}</title></rect>')
+        parts.append(f'<text x="{left + w - 6}" y="{top + 14}" text-anchor="end" fill="#16a34a">■ validation</text>')
     parts.append("</svg>")
     return "".join(parts)
 
@@ -148,6 +156,8 @@ def stats_md(p: runs.Progress) -> str:
         return ""
     step, loss = p.losses[-1]
     items = [f"**loss** {loss:.4f} (step {step})"]
+    if p.val_losses:
+        items.append(f"**validation loss** {p.val_losses[-1][1]:.4f} (step {p.val_losses[-1][0]})")
     if p.lrs:
         items.append(f"**learning rate** {p.lrs[-1][1]:.2e}")
     if p.tokens_per_s is not None:
@@ -353,6 +363,10 @@ def build_app(work_dir: str = "work_dirs/webui", gpus: int | None = None):
                         with gr.Column(min_width=120):
                             number("evaluation_freq", "Probe every (steps; 0: start and end)", precision=0)
                         with gr.Column(min_width=120):
+                            number("val_set_size", "Validation: held-out share (< 1) or count")
+                        with gr.Column(min_width=120):
+                            number("eval_steps", "Validate every (steps; 0: at the end)", precision=0)
+                        with gr.Column(min_width=120):
                             form["pack_to_max_length"] = gr.Checkbox(d["pack_to_max_length"], label="Packing",
                                                                      elem_id="webui-pack_to_max_length")
                             err_box("pack_to_max_length")
@@ -517,7 +531,7 @@ def build_app(work_dir: str = "work_dirs/webui", gpus: int | None = None):
 
         def on_refresh(w):
             p = runs.read_progress(w) if w else runs.Progress()
-            return (status_html(p), progress_html(p), loss_svg(p.losses, p.lrs, p.total), stats_md(p),
+            return (status_html(p), progress_html(p), loss_svg(p.losses, p.lrs, p.total, p.val_losses), stats_md(p),
                     probes_md(p), log_html(p.log_tail))
 
         def on_load_config(name, path):

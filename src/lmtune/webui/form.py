@@ -16,7 +16,7 @@ DEEPSPEED_DIR = Path(__file__).resolve().parent.parent / "train" / "deepspeed_co
 # Form fields that are config keys as they are (the rest: method, datasets, probes, scaling).
 PLAIN_KEYS = ("model", "data_format", "objective", "lr", "max_epochs", "max_steps", "max_length", "batch_size",
               "accumulative_counts", "lora_r", "lora_alpha", "pack_to_max_length", "save_steps",
-              "evaluation_freq")
+              "evaluation_freq", "val_set_size", "eval_steps")
 FORM_KEYS = (*PLAIN_KEYS, "method", "datasets", "system", "evaluation_inputs", "scaling", "nproc")
 
 

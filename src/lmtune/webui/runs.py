@@ -367,6 +367,7 @@ class Progress:
     total: int | None = None
     losses: list = field(default_factory=list)  # [(step, loss)]
     lrs: list = field(default_factory=list)  # [(step, lr)]
+    val_losses: list = field(default_factory=list)  # [(step, validation loss)]
     tokens_per_s: float | None = None
     epoch: float | None = None
     probes: list = field(default_factory=list)  # the newest answers: [{"question", "answer", ...}]
@@ -384,7 +385,7 @@ class Progress:
 def read_train_log(path: Path) -> dict:
     """Steps, learning rates, tokens/s and probe answers from logs/train_log.jsonl. A resume that
     starts at step s redoes the steps after s, so those are dropped when its start record comes."""
-    out = {"losses": {}, "lrs": {}, "total": None, "tokens_per_s": None, "epoch": None, "probes": [],
+    out = {"losses": {}, "lrs": {}, "val_losses": {}, "total": None, "tokens_per_s": None, "epoch": None, "probes": [],
            "probe_step": None}
     try:
         lines = path.read_text(encoding="utf-8", errors="replace").splitlines()
@@ -400,7 +401,7 @@ def read_train_log(path: Path) -> dict:
         step = int(r["step"])
         if "total_steps" in r and "loss" not in r:  # a (re)start
             out["total"] = int(r["total_steps"])
-            for key in ("losses", "lrs"):
+            for key in ("losses", "lrs", "val_losses"):
                 out[key] = {s: v for s, v in out[key].items() if s <= step}
         if "loss" in r:
             out["losses"][step] = float(r["loss"])
@@ -408,6 +409,8 @@ def read_train_log(path: Path) -> dict:
                 out["lrs"][step] = float(r["lr"])
             out["tokens_per_s"] = r.get("tokens_per_s", out["tokens_per_s"])
             out["epoch"] = r.get("epoch", out["epoch"])
+        if "val_loss" in r:
+            out["val_losses"][step] = float(r["val_loss"])
         if "probe" in r:
             out["probes"], out["probe_step"] = r["probe"], step
     return out
@@ -465,7 +468,8 @@ def read_progress(work_dir: str | Path) -> Progress:
     work = Path(work_dir)
     log = read_train_log(work / "logs" / "train_log.jsonl")
     losses = sorted(log["losses"].items())
-    p = Progress(losses=losses, lrs=sorted(log["lrs"].items()), total=log["total"],
+    p = Progress(losses=losses, lrs=sorted(log["lrs"].items()), val_losses=sorted(log["val_losses"].items()),
+                 total=log["total"],
                  step=losses[-1][0] if losses else 0, tokens_per_s=log["tokens_per_s"], epoch=log["epoch"],
                  probes=log["probes"], probe_step=log["probe_step"], log_tail=tail(work / OUTPUT_LOG))
     info = read_run(work)
