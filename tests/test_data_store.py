@@ -244,7 +244,7 @@ def test_hub_ids_pass_the_path_check_and_fail_clearly_offline(tmp_path, smol_tok
     assert is_datasets_source({"path": "tatsu-lab/alpaca"}) and not is_datasets_source({"path": "data/x.jsonl"})
     monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # read at import: set the modules' own flags
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
-    cfg = validate({"datasets": [{"path": "nobody-here/no-such-set", "split": "train"}], "model": str(tmp_path)})
+    cfg = validate({"datasets": [{"path": "nobody-here/no-such-set", "split": "train"}], "model": "smollm2-135m-instruct"})
     check_paths(cfg)  # a hub id is not a missing local path
     with pytest.raises(UserError, match="cannot load dataset 'nobody-here/no-such-set'"):
         build_dataset(cfg, smol_tokenizer, get_template("chatml", smol_tokenizer))
