@@ -46,6 +46,13 @@ def _add_batching_args(p: argparse.ArgumentParser) -> None:
                    help="memory the batch's KV cache may use (default: 80%% of free GPU memory, half the free RAM)")
 
 
+def _add_vision_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--visual-encoder", default=None, metavar="VIT",
+                   help="the vision tower a LLaVA was composed with (with --llava)")
+    p.add_argument("--llava", default=None, metavar="DIR",
+                   help="a trained LLaVA: its folder or work dir, or a checkpoint (iter_N) put onto MODEL + VIT")
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -114,11 +121,15 @@ def build_parser() -> argparse.ArgumentParser:
     # ---- chat / web / serve
     p = sub.add_parser("chat", help="talk to a model in the terminal (streaming)")
     _add_model_args(p)
+    _add_vision_args(p)
+    p.add_argument("--image", action="append", metavar="IMG",
+                   help="an image to send with the first message (repeatable; /image PATH attaches one later)")
     _add_sampling_args(p)
     p.add_argument("--prompt", default=None, help="answer this one prompt and exit")
 
     p = sub.add_parser("web", help="a chat web page (Gradio)")
     _add_model_args(p)
+    _add_vision_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share-name", "--title", dest="title", default=None, help="page title")
@@ -126,6 +137,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP API")
     _add_model_args(p, several_adapters=True)
+    _add_vision_args(p)
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="fetch http(s) image_url parts (by default only data: URLs and local paths are read)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("LMTUNE_API_KEY"))

@@ -11,7 +11,8 @@ starts random), the projector, and a LoRA on the LLM.
 model = "smollm2-135m-instruct"
 vision_tower = "work_dirs/quickstart_vision/tower"  # written by `lmtune quickstart --vision`
 datasets = ["work_dirs/quickstart_vision/data/train/shapes.jsonl"]
-prompt_template = "chatml"  # ChatML without SmolLM2's default system prompt: short samples
+prompt_template = "auto"  # SmolLM2's own ChatML template
+system = "Answer with one word."  # short (SmolLM2's default system prompt would triple each sample)
 max_length = 256
 pack_to_max_length = True
 
@@ -31,7 +32,7 @@ vision_feature_layer = -1
 #######################################################################
 #                  PART 4  Optimizer & Schedule                       #
 #######################################################################
-lr = 1e-3
+lr = 2e-3
 batch_size = 3  # packed rows of up to max_length tokens (about 10 questions each)
 accumulative_counts = 1
 max_steps = 60

@@ -1,7 +1,8 @@
 """`lmtune web`: a Gradio chat page with streamed answers.
 
 Multi-turn history, a system-prompt box, temperature / top-p / max-new-tokens sliders, Stop and
-Clear buttons. Binds 127.0.0.1 unless --host says otherwise; no analytics, no external fonts,
+Clear buttons; an image box when the model sees images (the image goes with the next message).
+Binds 127.0.0.1 unless --host says otherwise; no analytics, no external fonts,
 no share links, so it starts and works offline.
 """
 
@@ -52,6 +53,10 @@ def build_demo(engine, title: str | None = None):
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         gr.Markdown(f"## {title}")
         chatbot = gr.Chatbot(label="Conversation", height=460, elem_id="lmtune-chat", buttons=["copy"])
+        sees = getattr(engine, "sees_images", False)
+        image = gr.Image(type="filepath", label="Image (sent with your next message)", height=180,
+                         elem_id="lmtune-image", visible=sees)
+        images = gr.State([])  # every image of the conversation, in order
         with gr.Row():
             box = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=7,
                              elem_id="lmtune-input", autofocus=True)
@@ -66,13 +71,15 @@ def build_demo(engine, title: str | None = None):
                 top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
                 max_new = gr.Slider(16, max_ctx, value=min(512, max_ctx), step=16, label="Max new tokens")
 
-        def add_user(message: str, chat: list):
+        def add_user(message: str, chat: list, picture, seen: list):
             message = (message or "").strip()
             if not message:
-                return "", chat
-            return "", [*(chat or []), {"role": "user", "content": message}]
+                return "", chat, picture, seen
+            if picture:
+                return "", [*(chat or []), {"role": "user", "content": "<image>\n" + message}], None, [*seen, picture]
+            return "", [*(chat or []), {"role": "user", "content": message}], None, seen
 
-        async def respond(chat: list, system_prompt: str, temp: float, p: float, n: int):
+        async def respond(chat: list, seen: list, system_prompt: str, temp: float, p: float, n: int):
             from lmtune.serve.engine import ContextTooLong
 
             messages = to_messages(chat)
@@ -82,8 +89,9 @@ def build_demo(engine, title: str | None = None):
             chat = [*chat, {"role": "assistant", "content": ""}]
             try:
                 gen = engine.stream(messages, system=system_prompt or "", temperature=float(temp), top_p=float(p),
-                                    max_new_tokens=int(n), loop=asyncio.get_running_loop())
-            except ContextTooLong as e:
+                                    max_new_tokens=int(n), loop=asyncio.get_running_loop(),
+                                    **({"images": list(seen)} if seen else {}))
+            except (ContextTooLong, UserError) as e:
                 chat[-1]["content"] = f"⚠️ {e}. Press Clear to start over."
                 yield chat
                 return
@@ -93,11 +101,12 @@ def build_demo(engine, title: str | None = None):
                 chat[-1] = {"role": "assistant", "content": text}
                 yield chat
 
-        inputs = [chatbot, system, temperature, top_p, max_new]
-        on_enter = box.submit(add_user, [box, chatbot], [box, chatbot], queue=False).then(respond, inputs, chatbot)
-        on_send = send.click(add_user, [box, chatbot], [box, chatbot], queue=False).then(respond, inputs, chatbot)
+        inputs = [chatbot, images, system, temperature, top_p, max_new]
+        turn = [box, chatbot, image, images]
+        on_enter = box.submit(add_user, turn, turn, queue=False).then(respond, inputs, chatbot)
+        on_send = send.click(add_user, turn, turn, queue=False).then(respond, inputs, chatbot)
         stop.click(None, None, None, cancels=[on_enter, on_send])
-        clear.click(lambda: ("", []), None, [box, chatbot], cancels=[on_enter, on_send], queue=False)
+        clear.click(lambda: ("", [], None, []), None, turn, cancels=[on_enter, on_send], queue=False)
     return demo
 
 
