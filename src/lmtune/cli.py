@@ -97,8 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="fetch the embedded model, teach it a name, show its answers")
     p.add_argument("--name", default="lmtune小助手", help="the assistant's new name")
     p.add_argument("--author", default="lmtune", help="who made it (appears in its answers)")
-    p.add_argument("--work-dir", default="work_dirs/quickstart")
+    p.add_argument("--work-dir", default=None, help="default: work_dirs/quickstart (--vision: work_dirs/quickstart_vision)")
     p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--vision", action="store_true",
+                   help="compose SmolLM2 with a small vision tower and teach it coloured shapes (CPU, minutes)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in a work dir that holds another run")
 
     # ---- convert
     p = sub.add_parser("convert", help="pth_to_hf / merge")
@@ -232,9 +235,16 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
         return train_command(args)
     if cmd == "quickstart":
+        if args.vision:
+            from lmtune.quickstart_vision import run_vision_quickstart
+
+            run_vision_quickstart(work_dir=args.work_dir or "work_dirs/quickstart_vision", max_steps=args.max_steps,
+                                  overwrite=args.overwrite)
+            return 0
         from lmtune.quickstart import run_quickstart
 
-        run_quickstart(name=args.name, author=args.author, work_dir=args.work_dir, max_steps=args.max_steps)
+        run_quickstart(name=args.name, author=args.author, work_dir=args.work_dir or "work_dirs/quickstart",
+                       max_steps=args.max_steps)
         return 0
     if cmd == "convert":
         from lmtune import export

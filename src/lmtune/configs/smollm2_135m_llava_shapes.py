@@ -1,8 +1,9 @@
 """SmolLM2-135M-Instruct + a small vision tower, composed as a LLaVA and taught coloured shapes.
 
 `lmtune quickstart --vision` makes the random tower and the pictures, then trains with this config
-(vision_tower and datasets pointed at what it made). Everything trains at once: the tower (it
-starts random), the projector, and a LoRA on the LLM.
+(vision_tower and datasets pointed at what it made). The tower (it starts random) and the projector
+train whole; the LLM stays frozen: it already answers questions, it only has to be shown the
+picture (and a frozen LLM is cheapest to back-propagate through on a CPU).
 """
 
 #######################################################################
@@ -20,11 +21,8 @@ pack_to_max_length = True
 #                     PART 2  Model & Tokenizer                       #
 #######################################################################
 method = "lora"
-lora_r = 8
-lora_alpha = 16
-lora_dropout = 0.0
-lora_target_modules = ["q_proj", "k_proj", "v_proj", "o_proj"]  # attention only: cheap on a CPU
 vision_stage = "finetune"
+train_llm = False
 train_vision_tower = "full"  # random at the start: it has to learn to see
 train_projector = "full"
 vision_feature_layer = -1
