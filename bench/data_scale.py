@@ -133,7 +133,7 @@ def child_start(cfg_path: str, work: str) -> dict:
     trainer.setup()
     t_setup = time.time() - t0
     rss_setup = _peak_mb(resource.RUSAGE_SELF)
-    loss, _ = trainer._train_step()
+    loss, _ = trainer.step()
     t_step = time.time() - t0
     return {"setup_s": t_setup, "first_step_s": t_step, "rss_setup_mb": rss_setup,
             "rss_mb": _peak_mb(resource.RUSAGE_SELF), "rows": len(trainer.rows), "loss": loss,

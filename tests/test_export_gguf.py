@@ -97,6 +97,12 @@ def test_f16_round_trip_same_logits_and_tokenizer(which, request, tmp_path, smol
         assert tok(text)["input_ids"] == smol_tokenizer(text)["input_ids"], text
     assert tok.eos_token_id == smol_tokenizer.eos_token_id
     f = fields(out)
+    # llama.cpp parses special tokens in a prompt only when the file marks them as control tokens
+    reader = gguf.GGUFReader(out)
+    kinds = reader.fields["tokenizer.ggml.token_type"].contents()
+    for name in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"):
+        assert kinds[smol_tokenizer.convert_tokens_to_ids(name)] == gguf.TokenType.CONTROL, name
+    assert kinds[smol_tokenizer.convert_tokens_to_ids("Hello")] == gguf.TokenType.NORMAL
     assert f["general.architecture"] == ("qwen2" if which == "tiny_qwen2" else "llama")
     assert f["tokenizer.chat_template"] == smol_tokenizer.chat_template
     assert f["tokenizer.ggml.eos_token_id"] == smol_tokenizer.convert_tokens_to_ids("<|im_end|>")

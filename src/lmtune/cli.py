@@ -138,6 +138,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--share-name", "--title", dest="title", default=None, help="page title")
     _add_batching_args(p)
 
+    p = sub.add_parser("webui", help="a web page to train, watch, chat and export (Gradio)")
+    p.add_argument("--host", default="127.0.0.1", help="127.0.0.1: this machine only (the page runs commands here)")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--work-dir", default="work_dirs/webui", help="the work dir the page starts with")
+
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP API")
     _add_model_args(p, several_adapters=True)
     _add_vision_args(p)
@@ -273,6 +278,10 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from lmtune.serve.web import web_command
 
         return web_command(args)
+    if cmd == "webui":
+        from lmtune.webui.app import webui_command
+
+        return webui_command(args)
     if cmd == "serve":
         from lmtune.serve.api import serve_command
 

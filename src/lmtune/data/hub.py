@@ -85,7 +85,8 @@ def open_dataset(entry: dict, where: str):
     except UserError:
         raise
     except Exception as e:  # datasets raises many kinds (not found, offline, bad split, bad files)
-        raise UserError(f"cannot load dataset '{entry['path']}': {type(e).__name__}: {e}", where=where,
+        local = "" if path.exists() else f" (and there is no local file or folder '{path}')"
+        raise UserError(f"cannot load dataset '{entry['path']}'{local}: {type(e).__name__}: {e}", where=where,
                         hint="check path / name / split / revision; a hub id needs network access (or a "
                              "local copy: `datasets.load_dataset(...).save_to_disk(DIR)`, then path=DIR)") from None
 

@@ -175,10 +175,13 @@ def _write_tokenizer(w, gguf, tokenizer, meta: dict, vocab_rows: int) -> None:
             tokens.append(text)
             scores.append(score)
             types.append(typ)
-        # Tokens the tokenizer marks special are control tokens (never produced from plain text).
-        special = {t.encode("utf-8") if isinstance(t, str) else t for t in tokenizer.all_special_tokens}
-        special |= {t.content.encode("utf-8") for t in tokenizer.added_tokens_decoder.values() if t.special}
-        types = [gguf.TokenType.CONTROL if t in special else typ for t, typ in zip(tokens, types)]
+        # Tokens the tokenizer marks special are control tokens: llama.cpp then reads "<|im_start|>"
+        # in a prompt as that one token, not as the characters. (The vocab classes hand out str or
+        # bytes depending on the tokenizer kind: compare as str.)
+        special = set(tokenizer.all_special_tokens)
+        special |= {t.content for t in tokenizer.added_tokens_decoder.values() if t.special}
+        types = [gguf.TokenType.CONTROL if (t.decode("utf-8", "replace") if isinstance(t, bytes) else t) in special
+                 else typ for t, typ in zip(tokens, types)]
         if len(tokens) > vocab_rows:
             raise UserError(f"the tokenizer has {len(tokens)} tokens but the model only {vocab_rows} embeddings")
         for i in range(len(tokens), vocab_rows):  # embedding rows with no token (padding to a round size)

@@ -157,7 +157,9 @@ class Scheduler:
             atexit.register(self.close)
 
     def close(self, timeout: float = 30) -> None:
-        """Stop the worker after its current step (requests still in flight end as cancelled)."""
+        """Stop the worker after its current step (requests still in flight end as cancelled).
+        The exit hook lets go of the scheduler too, so a closed engine's model can be freed."""
+        atexit.unregister(self.close)
         with self._cv:
             self._closing = True
             self._cv.notify()

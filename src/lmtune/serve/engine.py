@@ -452,6 +452,10 @@ class Engine:
         """Requests waiting for a row in the batch."""
         return self.scheduler.waiting()
 
+    def close(self) -> None:
+        """Stop generating (requests in flight end as cancelled); the model can then be freed."""
+        self.scheduler.close()
+
 
 # --------------------------------------------------------------------------- scheduler callbacks
 # (called on the scheduler's worker thread)

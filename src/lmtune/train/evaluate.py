@@ -1,6 +1,6 @@
 """Validation during training: loss and perplexity on the validation rows, and the best checkpoint.
 
-Every `eval_steps` (and after the last step) the trainer calls `validate(trainer)`: each process
+Every `eval_steps` (and after the last step) the trainer validates (`validate_if_due`): each process
 takes its share of the validation rows (row i goes to process i mod world_size), the objective's
 loss sums and counts are added over processes, and
 
@@ -50,6 +50,17 @@ def validation_loss(trainer) -> tuple[float, int]:
     sums = dist.sum_tensor(torch.stack([total, torch.tensor(float(count), dtype=torch.float64,
                                                              device=total.device)])).tolist()
     return sums[0] / max(sums[1], 1.0), int(sums[1])
+
+
+def validate_if_due(trainer) -> bool:
+    """After each step: validate when a validation set exists and the step is due (every eval_steps,
+    and the last). Returns whether a checkpoint of this step was saved (a new best)."""
+    cfg, step = trainer.cfg, trainer.state.step
+    if trainer.val_rows is None or not ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == trainer.total_steps):
+        return False
+    if step == cfg.eval_steps or (not cfg.eval_steps and step == trainer.total_steps):
+        trainer.dist.log(f"validation: {len(trainer.val_rows)} rows")
+    return validate(trainer)
 
 
 def validate(trainer) -> bool:

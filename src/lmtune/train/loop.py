@@ -29,9 +29,8 @@ import torch
 
 from lmtune.config import Config, check_paths, dump_config
 from lmtune.errors import UserError
-from lmtune.train import checkpoint as ckpt
+from lmtune.train import checkpoint as ckpt, evaluate
 from lmtune.train.batch import micro_batches, to_device
-from lmtune.train.evaluate import validate
 from lmtune.train.objectives import Forward, make_objective
 from lmtune.train.run_identity import check_resume, prepare_work_dir, run_identity
 from lmtune.train.run_log import RunLog
@@ -111,10 +110,8 @@ class Trainer:
             self.total_steps = cfg.max_steps
         else:
             self.total_steps = max(1, math.ceil(cfg.max_epochs * len(self.rows) / per_step))
-        self.dist.log(
-            f"data: {len(self.rows)} rows ({'packed' if cfg.pack_to_max_length else 'unpacked'}, "
-            f"max_length {cfg.max_length}); {per_step} rows per step; {self.total_steps} steps"
-            + (f"; {len(self.val_rows)} validation rows" if self.val_rows is not None else ""))
+        self.dist.log(f"data: {len(self.rows)} rows ({'packed' if cfg.pack_to_max_length else 'unpacked'}, "
+                      f"max_length {cfg.max_length}); {per_step} rows per step; {self.total_steps} steps")
 
     def _setup_model(self) -> None:
         from lmtune.train import fast_path
@@ -185,6 +182,9 @@ class Trainer:
     def train(self) -> Path | None:
         cfg = self.cfg
         self.log.open()
+        # A record without "loss": where this (possibly resumed) run starts and how far it goes,
+        # so a watcher (the webui) can show progress before the first step is done.
+        self.log.write({"step": self.state.step, "total_steps": self.total_steps})
         if cfg.evaluation_inputs and self.state.step == 0:
             self._probe()
         bar = self._progress()
@@ -208,11 +208,8 @@ class Trainer:
                 self.log.plot(self.state.history, self.state.metrics, force=step == self.total_steps)
             if cfg.evaluation_freq and step % cfg.evaluation_freq == 0 and step != self.total_steps:
                 self._probe()
-            saved = False  # validation first: a new best is saved there, with its val_loss in the state
-            if self.val_rows is not None and ((cfg.eval_steps and step % cfg.eval_steps == 0) or step == self.total_steps):
-                saved = validate(self)
-            if (step % cfg.save_steps == 0 or step == self.total_steps) and not saved:
-                self.save_checkpoint()
+            if not evaluate.validate_if_due(self) and (step % cfg.save_steps == 0 or step == self.total_steps):
+                self.save_checkpoint()  # (validation, first, may just have saved this step as the new best)
         if bar is not None:
             bar.close()
         if cfg.evaluation_inputs:
