@@ -104,3 +104,13 @@ def test_api_takes_image_url_parts(trained, tmp_path):
     assert remote.status_code == 400 and "--allow-remote-images" in remote.json()["error"]["message"]
     missing = ask(str(tmp_path / "nope.png"))
     assert missing.status_code == 400 and "is not a file on the server" in missing.json()["error"]["message"]
+
+
+def test_web_page_offers_an_image_box_for_a_model_that_sees(trained):
+    pytest.importorskip("gradio")
+    from lmtune.serve.vision import VisionEngine
+    from lmtune.serve.web import build_demo
+
+    demo = build_demo(VisionEngine.load(trained["hf"], device="cpu"))
+    boxes = [c for c in demo.get_config_file()["components"] if c.get("props", {}).get("elem_id") == "lmtune-image"]
+    assert boxes and boxes[0]["props"]["visible"] is True
