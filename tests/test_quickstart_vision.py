@@ -7,7 +7,7 @@ import random
 
 import pytest
 
-from lmtune.quickstart_vision import COLOURS, answer, make_picture, write_dataset
+from lmtune.quickstart_vision import CIRCLE, COLOURS, answer, make_picture, write_dataset
 
 
 def test_pictures_are_what_their_answers_say(tmp_path):
@@ -19,9 +19,9 @@ def test_pictures_are_what_their_answers_say(tmp_path):
         for cell in range(4):
             x, y = (cell % 2) * 16 + 8, (cell // 2) * 16 + 8
             found[cell] = pixels[x, y]
-        coloured = [c for c in found.values() if c != (255, 255, 255)]
-        assert len(coloured) == 1 + facts["circles"]
-        assert COLOURS[answer(facts, "colour")] in coloured
+        shapes = [c for c in found.values() if c != (255, 255, 255)]
+        assert len(shapes) == 1 + facts["circles"]
+        assert [c for c in shapes if c != CIRCLE] == [COLOURS[answer(facts, "colour")]]
     data = write_dataset(tmp_path, 5, seed=1)
     assert len(data.read_text().splitlines()) == 10  # two questions per picture
 

@@ -3,7 +3,7 @@
 No vision weights can be downloaded here (and no PyPI package ships any), so the LLaVA is composed
 from the embedded SmolLM2-135M-Instruct and a small, randomly initialised CLIP-style tower that
 trains together with the projector and a LoRA on the LLM. The task is generated on the fly:
-32x32 pictures of a 2x2 grid holding one square and up to three circles, each in a colour, and two
+32x32 pictures of a 2x2 grid holding one coloured square and up to three dark circles, and two
 kinds of questions: "What colour is the square?" and "How many circles are there?". Held-out
 pictures come from another seed; the tuned model's greedy answers are scored against the truth and
 against chance (1 in 4 for each kind).
@@ -27,8 +27,11 @@ def _log(msg: str) -> None:
     print(f"[lmtune] {msg}", file=sys.stderr, flush=True)
 
 
+CIRCLE = (40, 40, 40)  # circles are dark grey: the square is the one coloured shape
+
+
 def make_picture(rng: random.Random):
-    """A 2x2 grid: one square and 0-3 circles in random cells and colours. Returns (image, facts)."""
+    """A 2x2 grid: one coloured square and 0-3 dark circles in random cells. Returns (image, facts)."""
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (2 * CELL, 2 * CELL), "white")
@@ -44,7 +47,7 @@ def make_picture(rng: random.Random):
             draw.rectangle(box, fill=COLOURS[colour])
             facts["square"] = colour
         else:
-            draw.ellipse(box, fill=COLOURS[colour])
+            draw.ellipse(box, fill=CIRCLE)
     return img, facts
 
 
