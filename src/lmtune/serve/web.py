@@ -1,8 +1,8 @@
 """`lmtune web`: a Gradio chat page with streamed answers.
 
 Multi-turn history, a system-prompt box, temperature / top-p / max-new-tokens sliders, Stop and
-Clear buttons; an image box when the model sees images. Binds 127.0.0.1 unless --host says otherwise; no analytics, no external fonts,
-no share links, so it starts and works offline.
+Clear buttons; an image box when the model sees images. Binds 127.0.0.1 unless --host says
+otherwise; no analytics, no external fonts, no share links, so it starts and works offline.
 """
 
 from __future__ import annotations
