@@ -46,6 +46,13 @@ def _add_batching_args(p: argparse.ArgumentParser) -> None:
                    help="memory the batch's KV cache may use (default: 80%% of free GPU memory, half the free RAM)")
 
 
+def _add_vision_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--visual-encoder", default=None, metavar="VIT",
+                   help="the vision tower a LLaVA was composed with (with --llava)")
+    p.add_argument("--llava", default=None, metavar="DIR",
+                   help="a trained LLaVA: its folder or work dir, or a checkpoint (iter_N) put onto MODEL + VIT")
+
+
 def _add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     p.add_argument("--top-p", type=float, default=1.0)
@@ -90,8 +97,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quickstart", help="fetch the embedded model, teach it a name, show its answers")
     p.add_argument("--name", default="lmtune小助手", help="the assistant's new name")
     p.add_argument("--author", default="lmtune", help="who made it (appears in its answers)")
-    p.add_argument("--work-dir", default="work_dirs/quickstart")
+    p.add_argument("--work-dir", default=None, help="default: work_dirs/quickstart (--vision: work_dirs/quickstart_vision)")
     p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--vision", action="store_true",
+                   help="compose SmolLM2 with a small vision tower and teach it coloured shapes (CPU, minutes)")
+    p.add_argument("--overwrite", action="store_true", help="start afresh in a work dir that holds another run")
 
     # ---- convert
     p = sub.add_parser("convert", help="pth_to_hf / merge")
@@ -114,11 +124,15 @@ def build_parser() -> argparse.ArgumentParser:
     # ---- chat / web / serve
     p = sub.add_parser("chat", help="talk to a model in the terminal (streaming)")
     _add_model_args(p)
+    _add_vision_args(p)
+    p.add_argument("--image", action="append", metavar="IMG",
+                   help="an image to send with the first message (repeatable; /image PATH attaches one later)")
     _add_sampling_args(p)
     p.add_argument("--prompt", default=None, help="answer this one prompt and exit")
 
     p = sub.add_parser("web", help="a chat web page (Gradio)")
     _add_model_args(p)
+    _add_vision_args(p)
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument("--share-name", "--title", dest="title", default=None, help="page title")
@@ -131,6 +145,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("serve", help="an OpenAI-compatible HTTP API")
     _add_model_args(p, several_adapters=True)
+    _add_vision_args(p)
+    p.add_argument("--allow-remote-images", action="store_true",
+                   help="fetch http(s) image_url parts (by default only data: URLs and local paths are read)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--api-key", default=os.environ.get("LMTUNE_API_KEY"))
@@ -223,9 +240,16 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
 
         return train_command(args)
     if cmd == "quickstart":
+        if args.vision:
+            from lmtune.quickstart_vision import run_vision_quickstart
+
+            run_vision_quickstart(work_dir=args.work_dir or "work_dirs/quickstart_vision", max_steps=args.max_steps,
+                                  overwrite=args.overwrite)
+            return 0
         from lmtune.quickstart import run_quickstart
 
-        run_quickstart(name=args.name, author=args.author, work_dir=args.work_dir, max_steps=args.max_steps)
+        run_quickstart(name=args.name, author=args.author, work_dir=args.work_dir or "work_dirs/quickstart",
+                       max_steps=args.max_steps)
         return 0
     if cmd == "convert":
         from lmtune import export

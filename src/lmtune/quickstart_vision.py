@@ -3,7 +3,7 @@
 No vision weights can be downloaded here (and no PyPI package ships any), so the LLaVA is composed
 from the embedded SmolLM2-135M-Instruct and a small, randomly initialised CLIP-style tower that
 trains together with the projector and a LoRA on the LLM. The task is generated on the fly:
-32x32 pictures of a 2x2 grid holding one square and up to three circles, each in a colour, and two
+32x32 pictures of a 2x2 grid holding one coloured square and up to three dark circles, and two
 kinds of questions: "What colour is the square?" and "How many circles are there?". Held-out
 pictures come from another seed; the tuned model's greedy answers are scored against the truth and
 against chance (1 in 4 for each kind).
@@ -20,14 +20,18 @@ from pathlib import Path
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 30), "blue": (30, 60, 220), "yellow": (230, 200, 20)}
 CELL = 16  # one grid cell = one patch of the tower
 QUESTIONS = {"colour": "What colour is the square?", "count": "How many circles are there?"}
+SYSTEM = "Answer with one word."
 
 
 def _log(msg: str) -> None:
     print(f"[lmtune] {msg}", file=sys.stderr, flush=True)
 
 
+CIRCLE = (40, 40, 40)  # circles are dark grey: the square is the one coloured shape
+
+
 def make_picture(rng: random.Random):
-    """A 2x2 grid: one square and 0-3 circles in random cells and colours. Returns (image, facts)."""
+    """A 2x2 grid: one coloured square and 0-3 dark circles in random cells. Returns (image, facts)."""
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (2 * CELL, 2 * CELL), "white")
@@ -43,7 +47,7 @@ def make_picture(rng: random.Random):
             draw.rectangle(box, fill=COLOURS[colour])
             facts["square"] = colour
         else:
-            draw.ellipse(box, fill=COLOURS[colour])
+            draw.ellipse(box, fill=CIRCLE)
     return img, facts
 
 
@@ -61,7 +65,8 @@ def write_dataset(folder: Path, n: int, seed: int) -> Path:
         img.save(folder / "images" / f"{i}.png")
         for kind in QUESTIONS:
             records.append({"image": f"images/{i}.png", "kind": kind, "conversations": [
-                {"from": "human", "value": f"<image>\n{QUESTIONS[kind]}"},
+                # the picture right before the answer: the tiny model learns to look at it sooner
+                {"from": "human", "value": f"{QUESTIONS[kind]}\n<image>"},
                 {"from": "gpt", "value": answer(facts, kind)}]})
     path = folder / "shapes.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
@@ -99,7 +104,8 @@ def evaluate(model_dir: str, data: Path, max_new_tokens: int = 4) -> dict:
     for line in data.read_text(encoding="utf-8").splitlines():
         rec = json.loads(line)
         question, truth = rec["conversations"][0]["value"], rec["conversations"][1]["value"]
-        prompt = processor.apply_chat_template([{"role": "user", "content": question}], add_generation_prompt=True)
+        messages = [{"role": "system", "content": SYSTEM}, {"role": "user", "content": question}]
+        prompt = processor.apply_chat_template(messages, add_generation_prompt=True)
         image = Image.open(data.parent / rec["image"]).convert("RGB")
         inputs = processor(text=prompt, images=image, add_special_tokens=False, return_tensors="pt")
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
@@ -110,7 +116,7 @@ def evaluate(model_dir: str, data: Path, max_new_tokens: int = 4) -> dict:
         ok = reply.split()[0].strip(".").lower() == truth if reply else False
         right[rec["kind"]] += ok
         if len(examples) < 6:
-            examples.append({"image": rec["image"], "question": question.split("\n")[-1], "answer": reply,
+            examples.append({"image": rec["image"], "question": question.split("\n")[0], "answer": reply,
                              "truth": truth})
     return {"accuracy": {k: right[k] / max(1, seen[k]) for k in QUESTIONS}, "n": seen, "examples": examples}
 

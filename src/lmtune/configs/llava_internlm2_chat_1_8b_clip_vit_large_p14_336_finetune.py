@@ -15,7 +15,7 @@ vision_tower = "openai/clip-vit-large-patch14-336"
 projector = "./work_dirs/llava_internlm2_chat_1_8b_clip_vit_large_p14_336_pretrain"  # stage 1's output
 datasets = [dict(path="data/llava_data/LLaVA-Instruct-150K/llava_v1_5_mix665k.json", format="sharegpt")]
 image_folder = "data/llava_data/llava_images"
-prompt_template = "internlm2_chat"
+prompt_template = "auto"  # InternLM2-chat's own template (what `internlm2_chat` names)
 max_length = 2048  # counts the 576 image tokens of each image
 pack_to_max_length = True
 

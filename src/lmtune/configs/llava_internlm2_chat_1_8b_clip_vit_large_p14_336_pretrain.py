@@ -15,7 +15,7 @@ vision_tower = "openai/clip-vit-large-patch14-336"
 # LLaVA json: {"image": "rel/path.jpg", "conversations": [{"from": "human", "value": "<image>\n..."}, ...]}
 datasets = [dict(path="data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json", format="sharegpt")]
 image_folder = "data/LLaVA-Pretrain/images"  # relative image paths start here
-prompt_template = "internlm2_chat"
+prompt_template = "auto"  # InternLM2-chat's own template (what `internlm2_chat` names)
 max_length = 2048  # counts the 576 image tokens of each image
 pack_to_max_length = True
 

@@ -15,7 +15,7 @@ vision_tower = "google/siglip-so400m-patch14-384"
 projector = "./work_dirs/llava_qwen2_5_7b_instruct_siglip_so400m_p14_384_pretrain"  # stage 1's output
 datasets = [dict(path="data/llava_data/LLaVA-Instruct-150K/llava_v1_5_mix665k.json", format="sharegpt")]
 image_folder = "data/llava_data/llava_images"
-prompt_template = "chatml"  # Qwen2.5 without its default system prompt
+prompt_template = "auto"  # Qwen2.5's own template
 max_length = 4096  # counts the 729 image tokens of each image
 pack_to_max_length = True
 

@@ -15,7 +15,7 @@ vision_tower = "google/siglip-so400m-patch14-384"
 # LLaVA json: {"image": "rel/path.jpg", "conversations": [{"from": "human", "value": "<image>\n..."}, ...]}
 datasets = [dict(path="data/LLaVA-Pretrain/blip_laion_cc_sbu_558k.json", format="sharegpt")]
 image_folder = "data/LLaVA-Pretrain/images"  # relative image paths start here
-prompt_template = "chatml"  # Qwen2.5 without its default system prompt
+prompt_template = "auto"  # Qwen2.5's own template
 max_length = 4096  # counts the 729 image tokens of each image
 pack_to_max_length = True
 

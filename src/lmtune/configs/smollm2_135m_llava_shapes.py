@@ -1,8 +1,9 @@
 """SmolLM2-135M-Instruct + a small vision tower, composed as a LLaVA and taught coloured shapes.
 
 `lmtune quickstart --vision` makes the random tower and the pictures, then trains with this config
-(vision_tower and datasets pointed at what it made). Everything trains at once: the tower (it
-starts random), the projector, and a LoRA on the LLM.
+(vision_tower and datasets pointed at what it made). The tower (it starts random) and the projector
+train whole; the LLM stays frozen: it already answers questions, it only has to be shown the
+picture (and a frozen LLM is cheapest to back-propagate through on a CPU).
 """
 
 #######################################################################
@@ -11,7 +12,8 @@ starts random), the projector, and a LoRA on the LLM.
 model = "smollm2-135m-instruct"
 vision_tower = "work_dirs/quickstart_vision/tower"  # written by `lmtune quickstart --vision`
 datasets = ["work_dirs/quickstart_vision/data/train/shapes.jsonl"]
-prompt_template = "chatml"  # ChatML without SmolLM2's default system prompt: short samples
+prompt_template = "auto"  # SmolLM2's own ChatML template
+system = "Answer with one word."  # short (SmolLM2's default system prompt would triple each sample)
 max_length = 256
 pack_to_max_length = True
 
@@ -19,11 +21,8 @@ pack_to_max_length = True
 #                     PART 2  Model & Tokenizer                       #
 #######################################################################
 method = "lora"
-lora_r = 8
-lora_alpha = 16
-lora_dropout = 0.0
-lora_target_modules = ["q_proj", "k_proj", "v_proj", "o_proj"]  # attention only: cheap on a CPU
 vision_stage = "finetune"
+train_llm = False
 train_vision_tower = "full"  # random at the start: it has to learn to see
 train_projector = "full"
 vision_feature_layer = -1
@@ -31,7 +30,7 @@ vision_feature_layer = -1
 #######################################################################
 #                  PART 4  Optimizer & Schedule                       #
 #######################################################################
-lr = 1e-3
+lr = 2e-3
 batch_size = 3  # packed rows of up to max_length tokens (about 10 questions each)
 accumulative_counts = 1
 max_steps = 60

@@ -64,7 +64,10 @@ def read_model_config(name_or_path: str) -> dict | None:
     from lmtune.models.loader import _read_config, resolve_model_path
 
     path = resolve_model_path(name_or_path)
-    if Path(path).is_dir():
+    folder = Path(path)
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").is_file():  # its base's
+        return read_model_config(json.loads((folder / "adapter_config.json").read_text())["base_model_name_or_path"])
+    if folder.is_dir():
         return _read_config(path)
     from transformers import AutoConfig
 
@@ -270,6 +273,7 @@ class VisionLanguage:
     head = "lm"
 
     def __init__(self, cfg):
+        self.cfg = cfg
         self.composed = bool(cfg.vision_tower)
         self._processor = None
         self.model = None  # the loaded model (Qwen2-VL's positions need its config)
@@ -287,7 +291,8 @@ class VisionLanguage:
             from transformers import AutoProcessor
 
             path = resolve_model_path(cfg.model)
-            if Path(path).is_dir() and (Path(path) / "adapter_config.json").is_file():
+            has_own = any((Path(path) / f).is_file() for f in ("processor_config.json", "preprocessor_config.json"))
+            if Path(path).is_dir() and (Path(path) / "adapter_config.json").is_file() and not has_own:
                 base = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
                 path = resolve_model_path(base)
             proc = AutoProcessor.from_pretrained(path, trust_remote_code=cfg.trust_remote_code)
@@ -478,7 +483,11 @@ class VisionLanguage:
         extra = {k: out[k] for k in ("pixel_values", "image_grid_thw", "image_sizes", "pixel_attention_mask")
                  if k in out}
         if fam in ("qwen2_vl", "qwen2_5_vl"):
-            extra["position_ids"] = self._mrope_positions(batch, extra["image_grid_thw"])
+            if batch.get("generation"):  # generate() derives the 3-D positions from the token types
+                tid = base_model(self.model).config.image_token_id
+                extra["mm_token_type_ids"] = (batch["input_ids"] == tid).int()
+            else:
+                extra["position_ids"] = self._mrope_positions(batch, extra["image_grid_thw"])
         return extra
 
     def _mrope_positions(self, batch: dict, grid: torch.Tensor) -> torch.Tensor:

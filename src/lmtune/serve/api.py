@@ -121,7 +121,26 @@ def _sampling(body: dict, default_max_tokens: int) -> dict:
     )
 
 
-def _messages(body: dict) -> list[dict]:
+def _image_part(part: dict, where: str, images: list | None, allow_remote: bool) -> str:
+    """An image content part -> "<image>\n" in the text, its reference appended to `images`."""
+    from lmtune.serve.vision import image_ref
+
+    if images is None:
+        raise _bad(f"{where}.content: this model does not see images (only text parts)", f"{where}.content",
+                   "invalid_value")
+    url = part.get("image_url")
+    url = url.get("url") if isinstance(url, dict) else url
+    try:
+        images.append(image_ref(url, allow_remote=allow_remote))
+    except UserError as e:
+        raise _bad(f"{where}.content: {e.message}" + (f" ({e.hint})" if e.hint else ""), f"{where}.content",
+                   "invalid_value") from None
+    return "<image>\n"
+
+
+def _messages(body: dict, images: list | None = None, allow_remote: bool = False) -> list[dict]:
+    """The request's messages; `images` (a list, when the model sees images) collects the image
+    references of `image_url` parts, each written as "<image>\n" where it stood."""
     if "messages" not in body:
         raise _bad("you must provide 'messages'", "messages", "missing_required_parameter")
     messages = body["messages"]
@@ -139,11 +158,14 @@ def _messages(body: dict) -> list[dict]:
             raise _bad(f"{where}.role must be 'system', 'user' or 'assistant', got {json.dumps(role)}",
                        f"{where}.role", "invalid_value")
         content = m.get("content")
-        if isinstance(content, list):  # content parts: text only
+        if isinstance(content, list):  # content parts: text, and images for a model that sees them
             parts = []
             for part in content:
+                if isinstance(part, dict) and part.get("type") == "image_url":
+                    parts.append(_image_part(part, where, images, allow_remote))
+                    continue
                 if not (isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str)):
-                    raise _bad(f"{where}.content: only text parts are supported", f"{where}.content",
+                    raise _bad(f"{where}.content: only text and image_url parts are supported", f"{where}.content",
                                "invalid_value")
                 parts.append(part["text"])
             content = "".join(parts)
@@ -190,7 +212,7 @@ def _sse(obj) -> str:
 
 
 def create_app(engine, *, api_key: str | None = None, max_queue: int = 512,
-               default_max_tokens: int = 512):
+               default_max_tokens: int = 512, allow_remote_images: bool = False):
     from fastapi import FastAPI, Request
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import JSONResponse, StreamingResponse
@@ -283,6 +305,9 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int = 512,
         except ContextTooLong as e:
             slot.release()
             raise _bad(str(e), "messages", "context_length_exceeded") from None
+        except UserError as e:  # e.g. an image that cannot be read, or placeholders without images
+            slot.release()
+            raise _bad(str(e), "messages", "invalid_value") from None
         except BaseException:
             slot.release()
             raise
@@ -317,8 +342,9 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int = 512,
         if not isinstance(stream_options, dict):
             raise _bad("'stream_options' must be an object", "stream_options", "invalid_type")
         include_usage = _bool(stream_options, "include_usage")
+        images = [] if getattr(engine, "sees_images", False) else None
         if chat:
-            messages = _messages(body)
+            messages = _messages(body, images, allow_remote_images)
             _response_format(body)
             params = _sampling(body, default_max_tokens)
         else:
@@ -327,6 +353,8 @@ def create_app(engine, *, api_key: str | None = None, max_queue: int = 512,
         model = check_model(body)
         slot = take_slot()
         loop = asyncio.get_running_loop()
+        if images:
+            params["images"] = images
         gen = start(slot, lambda: engine.stream(messages, model=model, loop=loop, **params) if chat
                     else engine.stream_prompt(prompt, model=model, loop=loop, **params))
         rid = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
@@ -402,7 +430,8 @@ def serve_command(args) -> int:
         raise UserError("--max-queue must be >= 1")
     engine = engine_from_args(args)
     app = create_app(engine, api_key=args.api_key, max_queue=args.max_queue,
-                     default_max_tokens=getattr(args, "max_tokens_default", 512))
+                     default_max_tokens=getattr(args, "max_tokens_default", 512),
+                     allow_remote_images=getattr(args, "allow_remote_images", False))
     if args.host not in ("127.0.0.1", "localhost", "::1") and not args.api_key:
         print(f"[lmtune] warning: serving on {args.host} without --api-key: anyone who can reach this "
               "port can use the model", file=sys.stderr)

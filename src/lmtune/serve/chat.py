@@ -1,7 +1,8 @@
 """`lmtune chat`: talk to a model in the terminal, answers streamed as they are generated.
 
 Interactive: type a message; `/reset` (or RESET) forgets the conversation, `/exit` (or EXIT, or
-Ctrl-D) quits, Ctrl-C stops the current answer. `--prompt TEXT` answers once and exits. When
+Ctrl-D) quits, Ctrl-C stops the current answer. A model that sees images takes `--image IMG`
+(with the first message) and `/image PATH` (with the next one). `--prompt TEXT` answers once and exits. When
 stdin is not a terminal, each input line is one user turn and only the answers are printed.
 """
 
@@ -74,6 +75,15 @@ def engine_from_args(args):
     from lmtune.serve.engine import Engine
 
     adapter, adapters = parse_adapters(args.adapter)
+    llava, encoder = getattr(args, "llava", None), getattr(args, "visual_encoder", None)
+    if getattr(args, "image", None) or llava or encoder or _sees_images(args.model):
+        from lmtune.serve.vision import VisionEngine
+
+        if adapters:
+            raise UserError("named adapters (NAME=DIR) are served for text models only", hint="give one --adapter DIR")
+        return VisionEngine.load(args.model, adapter=adapter, prompt_template=args.prompt_template, system=args.system,
+                                 bits=args.bits, device=args.device, trust_remote_code=args.trust_remote_code,
+                                 model_name=getattr(args, "model_name", None), llava=llava, visual_encoder=encoder)
     max_batch = getattr(args, "max_batch", None)
     if max_batch is not None and max_batch < 1:
         raise UserError("--max-batch must be >= 1")
@@ -87,12 +97,26 @@ def engine_from_args(args):
     )
 
 
-def answer(engine, history: list[dict], kw: dict, out=sys.stdout) -> str:
-    """Stream one answer to `out`; returns its text. Ctrl-C stops it early (kept in history)."""
+def _sees_images(model: str) -> bool:
+    from lmtune.serve.vision import sees_images
+
+    return sees_images(model)
+
+
+def user_turn(text: str, images: list[str]) -> dict:
+    """A user message with an `<image>` line for each image attached to it."""
+    return {"role": "user", "content": "<image>\n" * len(images) + text}
+
+
+def answer(engine, history: list[dict], kw: dict, out=None, images: list[str] | None = None) -> str:
+    """Stream one answer to `out` (stdout); returns its text. Ctrl-C stops it early (kept in history).
+    `images`: every image of the conversation so far, in order (a model that sees images)."""
     from lmtune.serve.engine import ContextTooLong
 
+    out = out or sys.stdout
+
     try:
-        gen = engine.stream(history, **kw)
+        gen = engine.stream(history, **kw, **({"images": images} if images else {}))
     except ContextTooLong as e:
         print(f"[{e}; /reset to start over]", file=sys.stderr)
         return ""
@@ -108,11 +132,22 @@ def answer(engine, history: list[dict], kw: dict, out=sys.stdout) -> str:
     return gen.text
 
 
+def _image_path(path: str) -> str:
+    from pathlib import Path
+
+    p = Path(path).expanduser()
+    if not p.is_file():
+        raise UserError(f"image '{path}' does not exist")
+    return str(p)
+
+
 def chat_command(args) -> int:
     kw = sampling_kwargs(args)
     engine = engine_from_args(args)
+    attached = [_image_path(p) for p in getattr(args, "image", None) or []]  # go with the next message
+    images: list[str] = []
     if args.prompt is not None:
-        answer(engine, [{"role": "user", "content": args.prompt}], kw)
+        answer(engine, [user_turn(args.prompt, attached)], kw, images=attached)
         return 0
     interactive = sys.stdin.isatty()
     if interactive:
@@ -139,11 +174,18 @@ def chat_command(args) -> int:
         if text.lower() in EXIT_WORDS:
             break
         if text.lower() in RESET_WORDS:
-            history = []
+            history, images = [], []
             if interactive:
                 print("[conversation reset]", file=sys.stderr)
             continue
-        history.append({"role": "user", "content": text})
-        reply = answer(engine, history, kw)
+        if text.startswith("/image "):  # attach an image to the next message
+            try:
+                attached.append(_image_path(text[len("/image "):].strip()))
+            except UserError as e:
+                print(f"[{e}]", file=sys.stderr)
+            continue
+        history.append(user_turn(text, attached))
+        images, attached = images + attached, []
+        reply = answer(engine, history, kw, images=images)
         history.append({"role": "assistant", "content": reply})
     return 0

@@ -1,8 +1,8 @@
 """`lmtune web`: a Gradio chat page with streamed answers.
 
 Multi-turn history, a system-prompt box, temperature / top-p / max-new-tokens sliders, Stop and
-Clear buttons. Binds 127.0.0.1 unless --host says otherwise; no analytics, no external fonts,
-no share links, so it starts and works offline.
+Clear buttons; an image box when the model sees images. Binds 127.0.0.1 unless --host says
+otherwise; no analytics, no external fonts, no share links, so it starts and works offline.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ class ChatPanel:
     temperature: object
     top_p: object
     max_new: object
+    image: object = None  # the image box (a model that sees images)
 
 
 def max_new_tokens_limit(engine) -> int:
@@ -61,12 +62,16 @@ def max_new_tokens_limit(engine) -> int:
 
 
 def chat_panel(get_engine, *, system: str = "", max_ctx: int = 2048, no_engine: str = "No model is loaded.",
-               autofocus: bool = True) -> ChatPanel:
+               autofocus: bool = True, images: bool = False) -> ChatPanel:
     """A streaming chat (conversation, input, Send / Stop / Clear, settings) inside the current
     gr.Blocks. `get_engine()` gives the engine each answer uses (None: `no_engine` is shown), so
-    a page can load another model without rebuilding itself."""
+    a page can load another model without rebuilding itself. `images`: an image box whose image
+    goes with the next message (a model that sees images)."""
     gr = _import_gradio()
     chatbot = gr.Chatbot(label="Conversation", height=460, elem_id="lmtune-chat", buttons=["copy"])
+    image = gr.Image(type="filepath", label="Image (sent with your next message)", height=180,
+                     elem_id="lmtune-image", visible=images)
+    seen_images = gr.State([])  # every image of the conversation, in order
     with gr.Row():
         box = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=7,
                          elem_id="lmtune-input", autofocus=autofocus)
@@ -81,13 +86,15 @@ def chat_panel(get_engine, *, system: str = "", max_ctx: int = 2048, no_engine: 
             top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
             max_new = gr.Slider(16, max_ctx, value=min(512, max_ctx), step=16, label="Max new tokens")
 
-    def add_user(message: str, chat: list):
+    def add_user(message: str, chat: list, picture, seen: list):
         message = (message or "").strip()
         if not message:
-            return "", chat
-        return "", [*(chat or []), {"role": "user", "content": message}]
+            return "", chat, picture, seen
+        if picture:
+            return "", [*(chat or []), {"role": "user", "content": "<image>\n" + message}], None, [*seen, picture]
+        return "", [*(chat or []), {"role": "user", "content": message}], None, seen
 
-    async def respond(chat: list, system_prompt: str, temp: float, p: float, n: int):
+    async def respond(chat: list, seen: list, system_prompt: str, temp: float, p: float, n: int):
         from lmtune.serve.engine import ContextTooLong
 
         messages = to_messages(chat)
@@ -102,8 +109,9 @@ def chat_panel(get_engine, *, system: str = "", max_ctx: int = 2048, no_engine: 
             return
         try:
             gen = engine.stream(messages, system=system_prompt or "", temperature=float(temp), top_p=float(p),
-                                max_new_tokens=int(n), loop=asyncio.get_running_loop())
-        except ContextTooLong as e:
+                                max_new_tokens=int(n), loop=asyncio.get_running_loop(),
+                                **({"images": list(seen)} if seen else {}))
+        except (ContextTooLong, UserError) as e:
             chat[-1]["content"] = f"⚠️ {e}. Press Clear to start over."
             yield chat
             return
@@ -113,12 +121,13 @@ def chat_panel(get_engine, *, system: str = "", max_ctx: int = 2048, no_engine: 
             chat[-1] = {"role": "assistant", "content": text}
             yield chat
 
-    inputs = [chatbot, system_box, temperature, top_p, max_new]
-    on_enter = box.submit(add_user, [box, chatbot], [box, chatbot], queue=False).then(respond, inputs, chatbot)
-    on_send = send.click(add_user, [box, chatbot], [box, chatbot], queue=False).then(respond, inputs, chatbot)
+    inputs = [chatbot, seen_images, system_box, temperature, top_p, max_new]
+    turn = [box, chatbot, image, seen_images]
+    on_enter = box.submit(add_user, turn, turn, queue=False).then(respond, inputs, chatbot)
+    on_send = send.click(add_user, turn, turn, queue=False).then(respond, inputs, chatbot)
     stop.click(None, None, None, cancels=[on_enter, on_send])
-    clear.click(lambda: ("", []), None, [box, chatbot], cancels=[on_enter, on_send], queue=False)
-    return ChatPanel(chatbot, box, system_box, temperature, top_p, max_new)
+    clear.click(lambda: ("", [], None, []), None, turn, cancels=[on_enter, on_send], queue=False)
+    return ChatPanel(chatbot, box, system_box, temperature, top_p, max_new, image)
 
 
 def build_demo(engine, title: str | None = None):
@@ -127,7 +136,8 @@ def build_demo(engine, title: str | None = None):
     title = title or f"lmtune · {engine.model_name}"
     with gr.Blocks(title=title, analytics_enabled=False) as demo:
         gr.Markdown(f"## {title}")
-        chat_panel(lambda: engine, system=engine.system or "", max_ctx=max_new_tokens_limit(engine))
+        chat_panel(lambda: engine, system=engine.system or "", max_ctx=max_new_tokens_limit(engine),
+                   images=getattr(engine, "sees_images", False))
     return demo
 
 
