@@ -77,7 +77,8 @@ def test_yaml_config_and_overrides(tmp_path):
 def test_list_and_copy_cfg(tmp_path, capsys):
     assert main(["list-cfg", "-p", "smollm2"]) == 0
     out = capsys.readouterr().out.split()
-    assert out == ["smollm2_135m_full_self_cognition", "smollm2_135m_lora_dpo_concise", "smollm2_135m_lora_self_cognition"]
+    assert out == ["smollm2_135m_full_self_cognition", "smollm2_135m_llava_shapes", "smollm2_135m_lora_dpo_concise",
+                   "smollm2_135m_lora_self_cognition"]
     assert main(["copy-cfg", "smollm2_135m_lora_self_cognition", str(tmp_path / "cfgs")]) == 0
     copied = tmp_path / "cfgs/smollm2_135m_lora_self_cognition_copy.py"
     assert copied.is_file()

@@ -333,10 +333,6 @@ class Trainer:
 
         st = json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
         cfg = self.cfg
-        check_resume(st.get("run") or {}, self.identity, st.get("total_steps", 0), self.total_steps, st["step"],
-                     lambda total: cfg.lr * lr_lambda(st["step"], total, int(round(total * cfg.warmup_ratio)),
-                                                      cfg.lr_scheduler, cfg.min_lr_ratio),
-                     sharded=self.io.sharded, log=self.dist.log)
         sharded_ckpt = ckpt.is_sharded_checkpoint(path)
         if sharded_ckpt != self.io.sharded:
             raise UserError(
@@ -344,6 +340,10 @@ class Trainer:
                 f"strategy ({cfg.strategy}) {'saves whole' if sharded_ckpt else 'saves in shards'}",
                 hint="resume with the strategy it was trained with; `lmtune convert pth_to_hf` reads either kind",
             )
+        check_resume(st.get("run") or {}, self.identity, st.get("total_steps", 0), self.total_steps, st["step"],
+                     lambda total: cfg.lr * lr_lambda(st["step"], total, int(round(total * cfg.warmup_ratio)),
+                                                      cfg.lr_scheduler, cfg.min_lr_ratio),
+                     sharded=sharded_ckpt, log=self.dist.log)
         if not sharded_ckpt:
             self.io.load_trainable_state_dict(self.model, load_file(str(path / "model.safetensors")))
             optim_state = ckpt.load_plain(path / "optimizer.pt", map_location="cpu")
