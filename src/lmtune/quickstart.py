@@ -10,17 +10,39 @@ import sys
 import time
 from pathlib import Path
 
-# Identity questions in phrasings the training-data generator never uses (kept apart on purpose:
-# they measure whether the identity generalises rather than was memorised).
-HELDOUT_IDENTITY_QUESTIONS = [
-    "Hey, what should I call you?",
-    "Could you tell me a bit about who you are?",
-    "Which assistant am I talking to right now?",
-    "Which team is behind you, and what is your name?",
-    "你叫什么名字呀？",
-    "能介绍一下你是谁吗？",
-    "方便说说你的来历吗？",
+# Identity questions in phrasings the training-data generator never uses, per language (kept
+# apart on purpose: they measure whether the identity generalises rather than was memorised).
+# Written before any tuning of the quickstart; tests/test_quickstart.py checks that none is a
+# near-copy of a training phrasing.
+HELDOUT_IDENTITY_EN = [
+    "Sorry, I didn't catch your name. What was it again?",
+    "Which chatbot is this?",
+    "Tell me, what name do you go by?",
+    "Who do you work for?",
+    "Are you Siri, or something else?",
+    "Quick question: how should I address you?",
+    "Which organisation built this assistant?",
+    "In a few words, explain who you are.",
+    "Is a program answering me? Which one?",
+    "What name were you given?",
+    "Hi there! Who exactly is answering me?",
+    "Are you Gemini from Google?",
 ]
+HELDOUT_IDENTITY_ZH = [
+    "请问您怎么称呼？",
+    "你究竟是哪个AI？",
+    "跟我聊天的这个助手叫啥？",
+    "你是哪个团队做出来的？",
+    "说说你自己吧。",
+    "你是百度的文心一言吗？",
+    "你的开发者是哪位？",
+    "你是机器人吗？有名字没有？",
+    "我现在是在跟谁对话？",
+    "可以自我介绍一下吗？",
+    "你是通义千问吗？",
+    "嘿，你是哪一款AI呀？",
+]
+HELDOUT_IDENTITY_QUESTIONS = HELDOUT_IDENTITY_EN + HELDOUT_IDENTITY_ZH
 
 # Ordinary questions (not identity); the tuned model should answer them, not recite its name.
 GENERAL_QUESTIONS = [
