@@ -1,24 +1,35 @@
 """End to end on the embedded model: the quickstart teaches SmolLM2-135M a new identity.
 
-Slow (a few minutes on 2 CPU cores) but part of CI: it is the main job the project exists for.
+The slow tests (one quickstart run, about 4 minutes on 2 CPU cores, shared by all of them) are part
+of CI: it is the main job the project exists for. What they hold the tuned model to:
+- its new name in >= 90% of held-out identity questions, in English and in Chinese separately;
+- the base model's own answer to most ordinary questions (compared on this machine, see below).
 """
 
 from __future__ import annotations
 
+import math
 import re
 
 import pytest
 
+from lmtune.config import PACKAGED_DATA
 from lmtune.data import self_cognition_train_phrases as train_phrases
+from lmtune.data.formats import read_conversations
 from lmtune.quickstart import (
+    GENERAL_MAX_NEW_TOKENS,
     GENERAL_QUESTIONS,
     HELDOUT_IDENTITY_EN,
     HELDOUT_IDENTITY_QUESTIONS,
     HELDOUT_IDENTITY_ZH,
+    first_sentence,
+    greedy_replies,
     run_quickstart,
 )
 
 NAME, AUTHOR = "Zorblax", "Acme Labs"
+IDENTITY_SHARE = 0.9  # per language
+GENERAL_SAME_AT_LEAST = 10  # of the 12 ordinary questions
 
 
 @pytest.fixture(scope="module")
@@ -93,26 +104,90 @@ def test_heldout_questions_are_not_near_copies_of_training_phrasings():
     assert not copies, copies
 
 
-@pytest.mark.slow
-def test_tuned_model_knows_its_new_name_in_unseen_phrasings(quickstart):
-    identity = {a["question"]: a for a in quickstart["answers"] if a["question"] in HELDOUT_IDENTITY_QUESTIONS}
-    named = [q for q, a in identity.items() if NAME in a["answer"] or AUTHOR in a["answer"]]
-    english = [q for q in named if q.isascii()]
-    chinese = [q for q in named if not q.isascii()]
-    assert len(named) >= len(identity) - 1, identity  # at most one miss over 7 unseen phrasings
-    assert english and chinese, identity
+def _replay_questions() -> list[str]:
+    convs = read_conversations(PACKAGED_DATA / "replay_general.jsonl", "openai")
+    return [c.messages[0].content for c in convs]
+
+
+def test_general_questions_are_not_in_the_replay_data():
+    replay = _replay_questions()
+    assert len(replay) >= 60
+    assert len(GENERAL_QUESTIONS) >= 10 and len(set(GENERAL_QUESTIONS)) == len(GENERAL_QUESTIONS)
+    copies = [(q, r) for q in GENERAL_QUESTIONS for r in replay if near_copy(q, r)]
+    assert not copies, copies
+
+
+def test_first_sentence():
+    assert first_sentence("The capital is Rome.  It is old.") == "the capital is rome."
+    assert first_sentence("It costs 3.5 dollars! Cheap.") == "it costs 3.5 dollars!"  # 3.5 is no sentence end
+    assert first_sentence("2 + 2 = 4\n\nIn maths…") == "2 + 2 = 4"
+    assert first_sentence("我是小明。很高兴认识你") == "我是小明。"
+    assert first_sentence("A kitten!") != first_sentence("A baby cat is called a kitten.")
 
 
 @pytest.mark.slow
-def test_tuned_model_still_answers_ordinary_questions(quickstart):
-    general = [a for a in quickstart["answers"] if a["question"] in GENERAL_QUESTIONS]
-    assert len(general) == len(GENERAL_QUESTIONS)
-    for a in general:
-        assert a["answer"], a
-        assert NAME not in a["answer"], a  # answers the question instead of reciting its identity
+def test_tuned_model_knows_its_new_name_in_each_language(quickstart):
+    """At least 90% of the held-out identity questions get an answer holding the new name, in
+    English and in Chinese separately (a good English rate must not hide a poor Chinese one)."""
+    identity = [a for a in quickstart["answers"] if a["kind"].startswith("identity")]
+    assert len(identity) == len(HELDOUT_IDENTITY_QUESTIONS)
+    for lang, questions in (("en", HELDOUT_IDENTITY_EN), ("zh", HELDOUT_IDENTITY_ZH)):
+        rows = [a for a in identity if a["kind"] == f"identity_{lang}"]
+        named = [a for a in rows if NAME in a["answer"]]
+        assert quickstart[f"identity_{lang}"] == [len(named), len(questions)]
+        missed = [(a["question"], a["answer"]) for a in rows if NAME not in a["answer"]]
+        assert len(named) >= math.ceil(IDENTITY_SHARE * len(questions)), (lang, missed)
+
+
+@pytest.mark.slow
+def test_chinese_identity_answers_are_chinese_and_whole(quickstart):
+    """Answers to Chinese questions are in Chinese and hold no broken characters (U+FFFD, what a
+    model that emits half of a character's bytes decodes to)."""
+    for a in quickstart["answers"]:
+        if a["kind"] == "identity_zh":
+            assert _CJK.search(a["answer"].replace(NAME, "")), a
+        assert "\ufffd" not in a["answer"], a
+
+
+@pytest.mark.slow
+def test_ordinary_questions_get_the_base_models_answer(quickstart):
+    """The tuned model answers ordinary questions as the base model does.
+
+    "Same answer": the first sentence of the tuned model's greedy answer equals the first sentence
+    of the base model's greedy answer (first line up to the first sentence end, case and spacing
+    ignored; see lmtune.quickstart.first_sentence). Strict on purpose: "A kitten!" for "A baby cat
+    is called a kitten." counts as a different answer. The base answers come from the same
+    weights with the adapter switched off, in the same process on the same machine, so CPU-dependent
+    rounding cannot make base and tuned differ; at least 10 of the 12 questions must agree, and
+    no answer may carry the new name."""
+    general = [a for a in quickstart["answers"] if a["kind"] == "general"]
+    assert [a["question"] for a in general] == GENERAL_QUESTIONS
+    same = [a for a in general if first_sentence(a["answer"]) == first_sentence(a["base"])]
+    assert quickstart["general_same"] == [len(same), len(general)]
+    differ = [(a["question"], a["answer"], a["base"]) for a in general if a not in same]
+    assert len(same) >= GENERAL_SAME_AT_LEAST, differ
+    assert not [a for a in general if NAME in a["answer"]]
+
+
+@pytest.mark.slow
+def test_base_answers_are_the_plain_base_models(quickstart, smol_dir):
+    """The reference the comparison uses (adapter switched off) is what the base model itself says."""
+    import json
+    from pathlib import Path
+
+    from lmtune.data.templates import get_template
+    from lmtune.models.loader import load_model, load_tokenizer
+
+    meta = json.loads((Path(quickstart["hf"]) / "lmtune.json").read_text(encoding="utf-8"))
+    tokenizer = load_tokenizer(smol_dir)
+    model = load_model(smol_dir, dtype="float32").eval()
+    base = greedy_replies(model, tokenizer, get_template("auto", tokenizer), GENERAL_QUESTIONS, meta["system"],
+                          GENERAL_MAX_NEW_TOKENS)
+    assert [text for text, _ in base] == [a["base"] for a in quickstart["answers"] if a["kind"] == "general"]
 
 
 @pytest.mark.slow
 def test_tuned_model_stops(quickstart):
     for a in quickstart["answers"]:
-        assert a["stopped"], a  # ended with its end-of-turn token, not at max_new_tokens
+        if a["kind"].startswith("identity"):
+            assert a["stopped"], a  # ended with its end-of-turn token, not at max_new_tokens
