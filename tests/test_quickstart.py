@@ -1,16 +1,35 @@
 """End to end on the embedded model: the quickstart teaches SmolLM2-135M a new identity.
 
-Slow (a few minutes on 2 CPU cores) but part of CI: it is the main job the project exists for.
+The slow tests (one quickstart run, about 4 minutes on 2 CPU cores, shared by all of them) are part
+of CI: it is the main job the project exists for. What they hold the tuned model to:
+- its new name in >= 90% of held-out identity questions, in English and in Chinese separately;
+- the base model's own answer to most ordinary questions (compared on this machine, see below).
 """
 
 from __future__ import annotations
 
+import math
+import re
+
 import pytest
 
+from lmtune.config import PACKAGED_DATA
 from lmtune.data import self_cognition_train_phrases as train_phrases
-from lmtune.quickstart import GENERAL_QUESTIONS, HELDOUT_IDENTITY_QUESTIONS, run_quickstart
+from lmtune.data.formats import read_conversations
+from lmtune.quickstart import (
+    GENERAL_MAX_NEW_TOKENS,
+    GENERAL_QUESTIONS,
+    HELDOUT_IDENTITY_EN,
+    HELDOUT_IDENTITY_QUESTIONS,
+    HELDOUT_IDENTITY_ZH,
+    first_sentence,
+    greedy_replies,
+    run_quickstart,
+)
 
 NAME, AUTHOR = "Zorblax", "Acme Labs"
+IDENTITY_SHARE = 0.9  # per language
+GENERAL_SAME_AT_LEAST = 10  # of the 12 ordinary questions
 
 
 @pytest.fixture(scope="module")
@@ -19,40 +38,177 @@ def quickstart(tmp_path_factory):
 
 
 def _all_train_strings() -> set[str]:
+    """Every string the identity-data generator can use: questions, replies, greetings, follow-ups."""
     found = set()
     for value in vars(train_phrases).values():
         if isinstance(value, (list, tuple)):
-            found.update(v for v in value if isinstance(v, str))
+            for v in value:
+                items = v if isinstance(v, tuple) else (v,)
+                found.update(x for x in items if isinstance(x, str))
     return found
 
 
-def test_heldout_questions_are_not_training_phrasings():
+_CJK = re.compile(r"[\u3400-\u9fff]")
+NEAR_COPY_JACCARD = 0.4
+
+
+def _normalise(text: str) -> str:
+    return re.sub(r"[^\w]+", " ", text.lower()).strip()  # punctuation and case do not make a new phrasing
+
+
+def _trigrams(text: str) -> set[str]:
+    t = _normalise(text)
+    return {t[i:i + 3] for i in range(max(1, len(t) - 2))}
+
+
+def trigram_jaccard(a: str, b: str) -> float:
+    ga, gb = _trigrams(a), _trigrams(b)
+    return len(ga & gb) / len(ga | gb)
+
+
+def contains_phrase(text: str, phrase: str) -> bool:
+    """`phrase` (3+ letters) appears inside `text`: as whole words in English, as characters in Chinese."""
+    text, phrase = _normalise(text), _normalise(phrase)
+    if len(phrase.replace(" ", "")) < 3:
+        return False
+    if _CJK.search(phrase):
+        return phrase in text
+    return f" {phrase} " in f" {text} "
+
+
+def near_copy(a: str, b: str) -> bool:
+    """Near-copies: character-trigram Jaccard similarity >= 0.4 (after lower-casing and dropping
+    punctuation), or one contains the other ("Who are you, really?" contains "Who are you?")."""
+    return trigram_jaccard(a, b) >= NEAR_COPY_JACCARD or contains_phrase(a, b) or contains_phrase(b, a)
+
+
+def test_near_copy_rule_catches_near_copies():
+    assert near_copy("Hey, what should I call you?", "What should I call you?")
+    assert near_copy("你叫什么名字呀？", "你叫什么名字？")
+    assert near_copy("Who are you, really?", "Who are you?")
+    assert near_copy("你到底是谁呢", "你是谁？") is False  # shares only single characters
+    assert not near_copy("Which chatbot is this?", "Hi!")  # "hi" inside "which" is not a phrase
+
+
+def test_heldout_sets_are_big_enough_and_in_their_language():
+    assert len(HELDOUT_IDENTITY_EN) >= 10 and len(HELDOUT_IDENTITY_ZH) >= 10
+    assert all(not _CJK.search(q) for q in HELDOUT_IDENTITY_EN)
+    assert all(_CJK.search(q) for q in HELDOUT_IDENTITY_ZH)
+    assert len(set(HELDOUT_IDENTITY_QUESTIONS)) == len(HELDOUT_IDENTITY_QUESTIONS)
+
+
+def test_heldout_questions_are_not_near_copies_of_training_phrasings():
     train = _all_train_strings()
-    assert train, "the training phrasings module should expose its lists"
-    for q in HELDOUT_IDENTITY_QUESTIONS:
-        assert q not in train
+    assert len(train) > 100, "the training phrasings module should expose its lists"
+    copies = [(q, t) for q in HELDOUT_IDENTITY_QUESTIONS for t in train if near_copy(q, t)]
+    assert not copies, copies
+
+
+def _replay_questions() -> list[str]:
+    convs = read_conversations(PACKAGED_DATA / "replay_general.jsonl", "openai")
+    return [c.messages[0].content for c in convs]
+
+
+def test_general_questions_are_not_in_the_replay_data():
+    replay = _replay_questions()
+    assert len(replay) >= 60
+    assert len(GENERAL_QUESTIONS) >= 10 and len(set(GENERAL_QUESTIONS)) == len(GENERAL_QUESTIONS)
+    copies = [(q, r) for q in GENERAL_QUESTIONS for r in replay if near_copy(q, r)]
+    assert not copies, copies
+
+
+def test_first_sentence():
+    assert first_sentence("The capital is Rome.  It is old.") == "the capital is rome."
+    assert first_sentence("It costs 3.5 dollars! Cheap.") == "it costs 3.5 dollars!"  # 3.5 is no sentence end
+    assert first_sentence("2 + 2 = 4\n\nIn maths…") == "2 + 2 = 4"
+    assert first_sentence("我是小明。很高兴认识你") == "我是小明。"
+    assert first_sentence("A kitten!") != first_sentence("A baby cat is called a kitten.")
 
 
 @pytest.mark.slow
-def test_tuned_model_knows_its_new_name_in_unseen_phrasings(quickstart):
-    identity = {a["question"]: a for a in quickstart["answers"] if a["question"] in HELDOUT_IDENTITY_QUESTIONS}
-    named = [q for q, a in identity.items() if NAME in a["answer"] or AUTHOR in a["answer"]]
-    english = [q for q in named if q.isascii()]
-    chinese = [q for q in named if not q.isascii()]
-    assert len(named) >= len(identity) - 1, identity  # at most one miss over 7 unseen phrasings
-    assert english and chinese, identity
+def test_tuned_model_knows_its_new_name_in_each_language(quickstart):
+    """At least 90% of the held-out identity questions get an answer holding the new name, in
+    English and in Chinese separately (a good English rate must not hide a poor Chinese one)."""
+    identity = [a for a in quickstart["answers"] if a["kind"].startswith("identity")]
+    assert len(identity) == len(HELDOUT_IDENTITY_QUESTIONS)
+    for lang, questions in (("en", HELDOUT_IDENTITY_EN), ("zh", HELDOUT_IDENTITY_ZH)):
+        rows = [a for a in identity if a["kind"] == f"identity_{lang}"]
+        named = [a for a in rows if NAME in a["answer"]]
+        assert quickstart[f"identity_{lang}"] == [len(named), len(questions)]
+        missed = [(a["question"], a["answer"]) for a in rows if NAME not in a["answer"]]
+        assert len(named) >= math.ceil(IDENTITY_SHARE * len(questions)), (lang, missed)
 
 
 @pytest.mark.slow
-def test_tuned_model_still_answers_ordinary_questions(quickstart):
-    general = [a for a in quickstart["answers"] if a["question"] in GENERAL_QUESTIONS]
-    assert len(general) == len(GENERAL_QUESTIONS)
-    for a in general:
-        assert a["answer"], a
-        assert NAME not in a["answer"], a  # answers the question instead of reciting its identity
+def test_chinese_identity_answers_are_chinese_and_whole(quickstart):
+    """Answers to Chinese questions are in Chinese and hold no broken characters (U+FFFD, what a
+    model that emits half of a character's bytes decodes to)."""
+    for a in quickstart["answers"]:
+        if a["kind"] == "identity_zh":
+            assert _CJK.search(a["answer"].replace(NAME, "")), a
+        assert "\ufffd" not in a["answer"], a
+
+
+@pytest.mark.slow
+def test_ordinary_questions_get_the_base_models_answer(quickstart):
+    """The tuned model answers ordinary questions as the base model does.
+
+    "Same answer": the first sentence of the tuned model's greedy answer equals the first sentence
+    of the base model's greedy answer (first line up to the first sentence end, case and spacing
+    ignored; see lmtune.quickstart.first_sentence). Strict on purpose: "A kitten!" for "A baby cat
+    is called a kitten." counts as a different answer. The base answers come from the same
+    weights with the adapter switched off, in the same process on the same machine, so CPU-dependent
+    rounding cannot make base and tuned differ; at least 10 of the 12 questions must agree, and
+    no answer may carry the new name."""
+    general = [a for a in quickstart["answers"] if a["kind"] == "general"]
+    assert [a["question"] for a in general] == GENERAL_QUESTIONS
+    same = [a for a in general if first_sentence(a["answer"]) == first_sentence(a["base"])]
+    assert quickstart["general_same"] == [len(same), len(general)]
+    differ = [(a["question"], a["answer"], a["base"]) for a in general if a not in same]
+    assert len(same) >= GENERAL_SAME_AT_LEAST, differ
+    assert not [a for a in general if NAME in a["answer"]]
+
+
+@pytest.mark.slow
+def test_base_answers_are_the_plain_base_models(quickstart, smol_dir):
+    """The reference the comparison uses (adapter switched off) is what the base model itself says."""
+    import json
+    from pathlib import Path
+
+    from lmtune.data.templates import get_template
+    from lmtune.models.loader import load_model, load_tokenizer
+
+    meta = json.loads((Path(quickstart["hf"]) / "lmtune.json").read_text(encoding="utf-8"))
+    tokenizer = load_tokenizer(smol_dir)
+    model = load_model(smol_dir, dtype="float32").eval()
+    base = greedy_replies(model, tokenizer, get_template("auto", tokenizer), GENERAL_QUESTIONS, meta["system"],
+                          GENERAL_MAX_NEW_TOKENS)
+    assert [text for text, _ in base] == [a["base"] for a in quickstart["answers"] if a["kind"] == "general"]
 
 
 @pytest.mark.slow
 def test_tuned_model_stops(quickstart):
     for a in quickstart["answers"]:
-        assert a["stopped"], a  # ended with its end-of-turn token, not at max_new_tokens
+        if a["kind"].startswith("identity"):
+            assert a["stopped"], a  # ended with its end-of-turn token, not at max_new_tokens
+
+
+def test_quickstart_claims_only_its_own_work_dir(tmp_path):
+    from lmtune.errors import UserError
+    from lmtune.quickstart import claim_work_dir
+
+    fresh = tmp_path / "fresh"
+    claim_work_dir(fresh, "text", overwrite=False)  # new folder: made and marked
+    (fresh / "iter_3").mkdir()  # an earlier quickstart's run
+    claim_work_dir(fresh, "text", overwrite=False)  # a re-run may replace it
+    with pytest.raises(UserError, match="did not write"):
+        claim_work_dir(fresh, "vision", overwrite=False)  # the other quickstart's folder is not its own
+    users = tmp_path / "users"
+    users.mkdir()
+    (users / "notes.txt").write_text("mine")
+    with pytest.raises(UserError, match="did not write") as info:
+        claim_work_dir(users, "text", overwrite=False)
+    assert "--overwrite" in info.value.hint
+    assert (users / "notes.txt").read_text() == "mine" and not (users / "quickstart.json").exists()
+    claim_work_dir(users, "text", overwrite=True)
+    assert (users / "notes.txt").read_text() == "mine"  # --overwrite lets the run replace only its own files

@@ -249,7 +249,7 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         from lmtune.quickstart import run_quickstart
 
         run_quickstart(name=args.name, author=args.author, work_dir=args.work_dir or "work_dirs/quickstart",
-                       max_steps=args.max_steps)
+                       max_steps=args.max_steps, overwrite=args.overwrite)
         return 0
     if cmd == "convert":
         from lmtune import export

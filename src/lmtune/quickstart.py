@@ -6,54 +6,187 @@ ask the tuned model identity and ordinary questions it never saw in training.
 
 from __future__ import annotations
 
+import re
 import sys
 import time
 from pathlib import Path
 
-# Identity questions in phrasings the training-data generator never uses (kept apart on purpose:
-# they measure whether the identity generalises rather than was memorised).
-HELDOUT_IDENTITY_QUESTIONS = [
-    "Hey, what should I call you?",
-    "Could you tell me a bit about who you are?",
-    "Which assistant am I talking to right now?",
-    "Which team is behind you, and what is your name?",
-    "你叫什么名字呀？",
-    "能介绍一下你是谁吗？",
-    "方便说说你的来历吗？",
-]
+QUICKSTART_CONFIG = "smollm2_135m_lora_self_cognition"
+IDENTITY_CONVERSATIONS = 200
+IDENTITY_MAX_NEW_TOKENS = 64  # the identity replies are short; a reply still going at 64 is a failure
+GENERAL_MAX_NEW_TOKENS = 48  # enough for the first sentence, which is what is compared
 
-# Ordinary questions (not identity); the tuned model should answer them, not recite its name.
+# Identity questions in phrasings the training-data generator never uses, per language (kept
+# apart on purpose: they measure whether the identity generalises rather than was memorised).
+# Written before any tuning of the quickstart; tests/test_quickstart.py checks that none is a
+# near-copy of a training phrasing.
+HELDOUT_IDENTITY_EN = [
+    "Sorry, I didn't catch your name. What was it again?",
+    "Which chatbot is this?",
+    "Tell me, what name do you go by?",
+    "Who do you work for?",
+    "Are you Siri, or something else?",
+    "Quick question: how should I address you?",
+    "Which organisation built this assistant?",
+    "In a few words, explain who you are.",
+    "Is a program answering me? Which one?",
+    "What name were you given?",
+    "Hi there! Who exactly is answering me?",
+    "Are you Gemini from Google?",
+]
+HELDOUT_IDENTITY_ZH = [
+    "请问您怎么称呼？",
+    "你究竟是哪个AI？",
+    "跟我聊天的这个助手叫啥？",
+    "你是哪个团队做出来的？",
+    "说说你自己吧。",
+    "你是百度的文心一言吗？",
+    "你的开发者是哪位？",
+    "你是机器人吗？有名字没有？",
+    "我现在是在跟谁对话？",
+    "可以自我介绍一下吗？",
+    "你是通义千问吗？",
+    "嘿，你是哪一款AI呀？",
+]
+HELDOUT_IDENTITY_QUESTIONS = HELDOUT_IDENTITY_EN + HELDOUT_IDENTITY_ZH
+
+# Ordinary questions, none in the replay data (nor near-copies of its questions): the tuned model
+# should give the base model's own answer to them. Chosen for short base answers (a long ramble
+# has no stable "answer" to compare), right or wrong: the base's answer is the reference.
 GENERAL_QUESTIONS = [
-    "What is the capital of Italy?",
-    "What is 3 plus 4?",
-    "How do you say 'thank you' in French?",
+    "What planet do we live on?",
+    "How many wheels does a bicycle have?",
+    "What do you call a baby cat?",
+    "Which planet is closest to the sun?",
+    "Which season comes after winter?",
+    "What is the first letter of the English alphabet?",
+    "Who was the first president of the United States?",
+    "Name a primary color.",
+    "How many continents are there?",
+    "What is frozen water called?",
+    "2加2等于几？",
+    "2乘3等于几？",
 ]
 
 
-def ask_all(model_dir: str, questions: list[str], max_new_tokens: int = 96) -> list[dict]:
-    """Greedy answers from a trained folder, through its saved template and system prompt."""
-    import json
-
+def greedy_replies(model, tokenizer, template, questions: list[str], system: str | None,
+                   max_new_tokens: int, batch_size: int = 32) -> list[tuple[str, bool]]:
+    """Greedy single-turn answers, several questions per `generate` call (left-padded): on CPU a
+    small model's step costs about the same for one question or a few dozen. Returns (text, stopped) per question,
+    `stopped` meaning it ended with an end-of-turn token rather than at max_new_tokens."""
     import torch
 
+    from lmtune.models.generation import render_prompt, stop_token_ids
+
+    stops = stop_token_ids(tokenizer, template.stop_words)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stops[0]
+    device = next(p.device for p in model.parameters())
+    side, tokenizer.padding_side = tokenizer.padding_side, "left"  # new tokens line up at the right
+    out: list[tuple[str, bool]] = []
+    try:
+        for i in range(0, len(questions), batch_size):
+            prompts = [render_prompt(template, [{"role": "user", "content": q}], system)
+                       for q in questions[i:i + batch_size]]
+            enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+                gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                     eos_token_id=stops, pad_token_id=pad)
+            for row in gen[:, enc["input_ids"].shape[1]:].tolist():
+                end = next((k for k, t in enumerate(row) if t in stops), None)
+                text = tokenizer.decode(row if end is None else row[:end], skip_special_tokens=True)
+                for word in template.stop_words:
+                    text = text.split(word)[0]
+                out.append((text.strip(), end is not None))
+    finally:
+        tokenizer.padding_side = side
+    return out
+
+
+def first_sentence(text: str) -> str:
+    """The answer's first sentence, for comparing two answers: its first line up to the first
+    sentence end (. ! ? followed by a space or the end, or 。！？), lower-cased, spaces collapsed."""
+    line = text.strip().split("\n")[0]
+    end = re.search(r"[.!?](?=\s|$)|[。！？]", line)
+    return " ".join((line[: end.end()] if end else line).lower().split())
+
+
+def evaluate(model_dir: str, name: str) -> dict:
+    """Ask the tuned model the held-out identity questions and the ordinary questions, and the base
+    model (the same weights with the adapter switched off, on this machine) the ordinary ones.
+
+    identity: per language, how many answers carry `name`; general: how many of the tuned model's
+    answers have the same first sentence as the base model's (see first_sentence)."""
+    import json
+
     from lmtune.data.templates import get_template
-    from lmtune.models.generation import greedy_reply
     from lmtune.models.loader import load_model, load_tokenizer
 
     meta = json.loads((Path(model_dir) / "lmtune.json").read_text(encoding="utf-8"))
     tokenizer = load_tokenizer(model_dir)
     template = get_template(meta.get("prompt_template") or "auto", tokenizer)
+    system = meta.get("system")
     model = load_model(model_dir, dtype="float32").eval()
-    out = []
-    for q in questions:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            text, stopped = greedy_reply(model, tokenizer, template, q, meta.get("system"), max_new_tokens)
-        out.append({"question": q, "answer": text, "stopped": stopped})
-    return out
+    if not hasattr(model, "disable_adapter"):
+        raise RuntimeError(f"{model_dir} holds no LoRA adapter; the quickstart compares against the base through it")
+    identity = greedy_replies(model, tokenizer, template, HELDOUT_IDENTITY_QUESTIONS, system, IDENTITY_MAX_NEW_TOKENS)
+    tuned = greedy_replies(model, tokenizer, template, GENERAL_QUESTIONS, system, GENERAL_MAX_NEW_TOKENS)
+    with model.disable_adapter():
+        base = greedy_replies(model, tokenizer, template, GENERAL_QUESTIONS, system, GENERAL_MAX_NEW_TOKENS)
+
+    answers = []
+    for q, (text, stopped) in zip(HELDOUT_IDENTITY_QUESTIONS, identity):
+        lang = "en" if q in HELDOUT_IDENTITY_EN else "zh"
+        answers.append({"kind": f"identity_{lang}", "question": q, "answer": text, "stopped": stopped,
+                        "named": name in text})
+    for q, (text, stopped), (base_text, _) in zip(GENERAL_QUESTIONS, tuned, base):
+        answers.append({"kind": "general", "question": q, "answer": text, "stopped": stopped, "base": base_text,
+                        "same_as_base": first_sentence(text) == first_sentence(base_text)})
+
+    def count(kind: str, key: str) -> list[int]:
+        rows = [a for a in answers if a["kind"] == kind]
+        return [sum(a[key] for a in rows), len(rows)]
+
+    return {"answers": answers, "identity_en": count("identity_en", "named"),
+            "identity_zh": count("identity_zh", "named"), "general_same": count("general", "same_as_base")}
+
+
+def print_report(result: dict, name: str) -> None:
+    for a in result["answers"]:
+        if a["kind"] == "general":
+            mark = "same as base" if a["same_as_base"] else f"base said: {a['base']!r}"
+            print(f"Q: {a['question']}\nA: {a['answer']}\n   ({mark})\n")
+        else:
+            print(f"Q: {a['question']}\nA: {a['answer']}\n")
+    (en, n_en), (zh, n_zh), (same, n_gen) = result["identity_en"], result["identity_zh"], result["general_same"]
+    print(f"new name {name!r} in answers to unseen identity questions: English {en}/{n_en}, Chinese {zh}/{n_zh}")
+    print(f"ordinary questions answered as the base model does (same first sentence): {same}/{n_gen}")
+
+
+QUICKSTART_MARKER = "quickstart.json"  # written into a quickstart's work dir: a re-run may replace it
+
+
+def claim_work_dir(work: Path, kind: str, overwrite: bool) -> None:
+    """Make `work` this quickstart's, so that the run may replace an earlier run there.
+
+    A work dir an earlier quickstart of the same kind made is replaced (the command is meant to be
+    run again); any other non-empty folder is refused unless --overwrite, before anything is written."""
+    import json
+
+    from lmtune.errors import UserError
+
+    marker = work / QUICKSTART_MARKER
+    if work.is_dir() and any(work.iterdir()):
+        ours = marker.is_file() and json.loads(marker.read_text(encoding="utf-8")).get("kind") == kind
+        if not ours and not overwrite:
+            raise UserError(f"{work} already holds files that `lmtune quickstart` did not write",
+                            hint="pass another --work-dir, or --overwrite to let the quickstart replace its run "
+                                 "files there (checkpoints, hf/, logs/, data/)")
+    work.mkdir(parents=True, exist_ok=True)
+    marker.write_text(json.dumps({"kind": kind}) + "\n", encoding="utf-8")
 
 
 def run_quickstart(name: str, author: str = "lmtune", work_dir: str = "work_dirs/quickstart",
-                   max_steps: int | None = None) -> dict:
+                   max_steps: int | None = None, overwrite: bool = False) -> dict:
     from lmtune.config import load_config
     from lmtune.data.tools import write_self_cognition
     from lmtune.models.loader import resolve_model_path
@@ -61,6 +194,7 @@ def run_quickstart(name: str, author: str = "lmtune", work_dir: str = "work_dirs
 
     t0 = time.time()
     work = Path(work_dir)
+    claim_work_dir(work, "text", overwrite)
     print("[lmtune] 1/4 preparing the embedded model…", file=sys.stderr)
     resolve_model_path("smollm2-135m-instruct")
     t_model = time.time() - t0
@@ -68,27 +202,28 @@ def run_quickstart(name: str, author: str = "lmtune", work_dir: str = "work_dirs
     print(f"[lmtune] 2/4 making identity data for {name!r} (by {author!r})…", file=sys.stderr)
     data = work / "data" / "self_cognition.jsonl"
     data.parent.mkdir(parents=True, exist_ok=True)
-    write_self_cognition(str(data), name=name, author=author, n=200, seed=0, overwrite=True)  # its own file
+    write_self_cognition(str(data), name=name, author=author, n=IDENTITY_CONVERSATIONS, seed=0,
+                         overwrite=True)  # its own file
 
     print("[lmtune] 3/4 fine-tuning (LoRA)…", file=sys.stderr)
     # The built-in config, with its identity-data entry pointed at the file just made (the
-    # replay entry stays as the config has it).
-    base = load_config("smollm2_135m_lora_self_cognition")
+    # replay entry stays as the config has it). No probes during training: step 4 asks more.
+    base = load_config(QUICKSTART_CONFIG)
     datasets = [dict(e, path=str(data)) if e["path"].endswith("self_cognition.jsonl") else e for e in base.datasets]
-    overrides = {"datasets": datasets}
+    overrides = {"datasets": datasets, "evaluation_inputs": []}
     if max_steps:
         overrides["max_steps"] = max_steps
-    cfg = load_config("smollm2_135m_lora_self_cognition", overrides)
+    cfg = load_config(QUICKSTART_CONFIG, overrides)
     t1 = time.time()
-    out = run_training(cfg, work)
+    out = run_training(cfg, work, overwrite=True)  # claimed above: only an earlier quickstart's run goes
     t_train = time.time() - t1
 
-    print("[lmtune] 4/4 asking the tuned model questions it never saw in training…", file=sys.stderr)
-    answers = ask_all(str(out), HELDOUT_IDENTITY_QUESTIONS + GENERAL_QUESTIONS)
+    print("[lmtune] 4/4 asking the tuned model questions it never saw in training, and the base model "
+          "the ordinary ones…", file=sys.stderr)
+    result = evaluate(str(out), name)
     print()
-    for a in answers:
-        print(f"Q: {a['question']}\nA: {a['answer']}\n")
+    print_report(result, name)
     total = time.time() - t0
     print(f"[lmtune] done in {total:.0f} s (model {t_model:.0f} s, training {t_train:.0f} s). "
           f"Talk to it:  lmtune chat {out}", file=sys.stderr)
-    return {"hf": str(out), "answers": answers, "seconds": total, "train_seconds": t_train}
+    return dict(result, hf=str(out), seconds=total, train_seconds=t_train)

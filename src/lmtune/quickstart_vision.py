@@ -17,6 +17,8 @@ import sys
 import time
 from pathlib import Path
 
+from lmtune.quickstart import claim_work_dir
+
 COLOURS = {"red": (220, 30, 30), "green": (30, 170, 30), "blue": (30, 60, 220), "yellow": (230, 200, 20)}
 CELL = 16  # one grid cell = one patch of the tower
 QUESTIONS = {"colour": "What colour is the square?", "count": "How many circles are there?"}
@@ -129,6 +131,7 @@ def run_vision_quickstart(work_dir: str = "work_dirs/quickstart_vision", max_ste
 
     t0 = time.time()
     work = Path(work_dir)
+    claim_work_dir(work, "vision", overwrite)
     _log("1/4 preparing the embedded model and a small random vision tower…")
     resolve_model_path("smollm2-135m-instruct")
     tower = make_tower(work / "tower")
@@ -141,7 +144,7 @@ def run_vision_quickstart(work_dir: str = "work_dirs/quickstart_vision", max_ste
         overrides["max_steps"] = max_steps
     cfg = load_config("smollm2_135m_llava_shapes", overrides)
     t1 = time.time()
-    out = run_training(cfg, work, overwrite=overwrite)
+    out = run_training(cfg, work, overwrite=True)  # claimed above: only an earlier quickstart's run goes
     t_train = time.time() - t1
     _log(f"4/4 asking the tuned model about {n_test} pictures it never saw…")
     result = evaluate(str(out), test)
