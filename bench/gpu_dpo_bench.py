@@ -42,7 +42,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from gpu_bench import SHAPES, bf16_peak, gib, matmul_params  # noqa: E402
 
-SHAPES = dict(SHAPES, tiny=dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+SHAPES.update(tiny=dict(model_type="llama", hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                 num_attention_heads=4, num_key_value_heads=2, vocab_size=49152,
                                 tie_word_embeddings=True, max_position_embeddings=4096))
 CASES = {
@@ -52,7 +52,9 @@ CASES = {
     "tiny-lora": dict(shape="tiny", method="lora", seq=256),
     "tiny-full": dict(shape="tiny", method="full", seq=256),
 }
-VARIANTS = {"live": {"precompute_reference": False}}  # lmtune only: "lora-8b-2048+live"
+# lmtune only, e.g. "lora-8b-2048+live": the reference live (adapter off) instead of precomputed;
+# "+mb2": two packed rows per micro-batch (half the accumulation, the same tokens per step)
+VARIANTS = {"live": {"precompute_reference": False}, "mb2": {"batch_size": 2}}
 PAIRS_PER_STEP = 8
 TRL_MICRO = 2  # pairs per TRL micro-batch
 LORA = dict(r=16, lora_alpha=32, lora_dropout=0.0, target_modules="all-linear")
@@ -162,7 +164,7 @@ def run_lmtune(name, case, pairs, tokenizer, steps, extra):
     rows = lmtune_rows(pairs, case["seq"])
     # rows per optimizer step: the rows that hold about PAIRS_PER_STEP pairs
     per_row = sum(len(r["seq_roles"]) // 2 for r in rows) / len(rows)
-    accum = max(1, round(PAIRS_PER_STEP / per_row))
+    accum = max(1, round(PAIRS_PER_STEP / per_row / (extra or {}).get("batch_size", 1)))
     raw = dict(model="random", objective="dpo", beta=BETA, method=case["method"], lora_r=LORA["r"],
                lora_alpha=LORA["lora_alpha"], lora_dropout=0.0, lora_target_modules="all-linear",
                gradient_checkpointing=True, lr=LR, max_norm=1.0, batch_size=1, accumulative_counts=accum,
@@ -222,12 +224,13 @@ def run_trl(name, case, pairs, tokenizer, steps):
         peft_config = LoraConfig(task_type="CAUSAL_LM", bias="none", **LORA)
     n_pairs = steps * PAIRS_PER_STEP
     data = Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs[:n_pairs]])
-    stamps, counts = [], []
+    stamps, counts, training = [], [], []
 
     class Stamp(TrainerCallback):
         def on_train_begin(self, args, state, control, **kw):
             sync()
             memory(reset=True)
+            training.append(True)  # from now on the collator feeds training steps, not the reference precompute
 
         def on_step_end(self, args, state, control, **kw):
             sync()
@@ -236,7 +239,8 @@ def run_trl(name, case, pairs, tokenizer, steps):
     class Counting(DataCollatorForPreference):
         def torch_call(self, examples):
             out = super().torch_call(examples)
-            counts.append(out["attention_mask"].sum(1).tolist())
+            if training:
+                counts.append(out["attention_mask"].sum(1).tolist())
             return out
 
     args = DPOConfig(
@@ -248,6 +252,12 @@ def run_trl(name, case, pairs, tokenizer, steps):
         precompute_ref_log_probs=True, precompute_ref_batch_size=4 * TRL_MICRO, beta=BETA, loss_type=["sigmoid"],
         use_liger_kernel=cuda(), dataloader_num_workers=0, remove_unused_columns=True, use_cpu=not cuda(),
     )
+    # TRL keys its cache of reference log-probs by a SHA-256 of every weight, copied to the CPU (minutes
+    # for an 8B model, before training). A fresh process has nothing cached: key by the case instead.
+    # Only the cache key changes; what TRL computes and the timed training steps are untouched.
+    import trl.trainer.dpo_trainer as trl_dpo
+
+    trl_dpo.hash_module = lambda module: f"gpu_dpo_bench-{name}"
     t0 = time.perf_counter()
     trainer = DPOTrainer(model=model, args=args, train_dataset=data, processing_class=tokenizer,
                          peft_config=peft_config, callbacks=[Stamp()],
@@ -256,6 +266,9 @@ def run_trl(name, case, pairs, tokenizer, steps):
     setup_s = time.perf_counter() - t0
     out = trainer.train()
     k = PAIRS_PER_STEP // TRL_MICRO
+    if len(counts) != k * steps:
+        log(f"trl: {len(counts)} training micro-batches counted, expected {k * steps}; using the last ones")
+        counts[:] = counts[-k * steps:]
     lengths = [[n for c in counts[i * k:(i + 1) * k] for n in c] for i in range(steps)]
     res = _result(name, "trl", case, stamps, lengths, [round(out.training_loss, 5)])
     padded = sum(len(c) * max(c) for c in counts)
@@ -292,6 +305,11 @@ def worker(args):
                     r = run_trl(name, case, pairs, tokenizer, args.steps)
             except torch.OutOfMemoryError as e:
                 r = {"case": name, "stack": args.stack, "error": f"out of memory: {str(e)[:200]}"}
+            except Exception as e:  # one broken case must not lose the others' results
+                import traceback
+
+                traceback.print_exc()
+                r = {"case": name, "stack": args.stack, "error": f"{type(e).__name__}: {str(e)[:200]}"}
             r["wall_s"] = round(time.time() - t0, 1)
             log(json.dumps(r))
             f.write(json.dumps(r) + "\n")
@@ -318,7 +336,7 @@ def report(out: Path, peak: float, device: str) -> str:
             if r is None:
                 continue
             label = "TRL DPOTrainer" if stack == "trl" else "lmtune"
-            ref = "live, adapter off" if name.endswith("+live") else "precomputed"
+            ref = "live, adapter off" if "+live" in name else "precomputed"
             if "error" in r:
                 lines.append(f"| {name} | {label} | {ref} | {r['error'][:60]} | | | | | | | | |")
                 continue
@@ -338,7 +356,7 @@ def report(out: Path, peak: float, device: str) -> str:
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
-    ap.add_argument("--cases", default="lora-8b-2048,lora-8b-2048+live,full-1.5b-2048")
+    ap.add_argument("--cases", default="lora-8b-2048,lora-8b-2048+live,full-1.5b-2048,full-1.5b-2048+mb2")
     ap.add_argument("--stacks", default="trl,lmtune")
     ap.add_argument("--steps", type=int, default=6, help="optimizer steps per run (the first is not timed)")
     ap.add_argument("--tokenizer", required=True)
