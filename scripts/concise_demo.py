@@ -12,8 +12,10 @@ and ordinary short answers unchanged.
     python scripts/concise_demo.py evaluate work_dirs/concise
 
 `evaluate` prints the base and tuned answers, the share of runaway answers (no end of turn
-within MAX_NEW_TOKENS, or a repeated 4-word phrase), the held-out preference accuracy and which
-ordinary answers changed. tests/test_preference_demo.py runs the same steps.
+within MAX_NEW_TOKENS, or a repeated 4-word phrase), the held-out preference accuracy (the tuned
+model's implicit reward prefers the concise answer on pairs built the same way from held-out
+prompts) and, for ordinary short questions, which answers changed and whether the tuned model
+still gives the fact the base model gave. tests/test_preference_demo.py runs the same steps.
 """
 
 from __future__ import annotations
@@ -53,11 +55,13 @@ HELDOUT_OPEN = [
     "Tell me about London.", "What is art?", "How do boats float?", "Give me advice about cooking.",
     "Tell me a fact about whales.", "What is happiness?", "Describe the sky.", "Explain what a phone does.",
 ]
-ORDINARY = [
-    "What is the capital of France?", "What is 2 + 2?", "What is the capital of Japan?",
-    "How many hours are in a day?", "What is the largest ocean on Earth?", "What gas do plants absorb from the air?",
-    "Translate 'thank you' into Spanish.", "What is the chemical symbol for water?",
-]
+# Short questions with the word the base model's right answer contains (with SYSTEM, greedy).
+ORDINARY = {
+    "What is the capital of France?": "Paris", "What is the capital of Japan?": "Tokyo",
+    "What is the capital of Germany?": "Berlin", "What is the capital of Canada?": "Ottawa",
+    "How many hours are in a day?": "24", "What is the largest ocean on Earth?": "Pacific",
+    "What gas do plants absorb from the air?": "carbon dioxide", "What is the chemical symbol for water?": "H2O",
+}
 
 DATA = Path(__file__).resolve().parents[1] / "src/lmtune/data/concise_pairs.jsonl"
 
@@ -179,14 +183,17 @@ def evaluate(model, tokenizer, adapter_model, beta: float = 0.1, log=print) -> d
 
     with adapter_model.disable_adapter():
         base_full = generate(model, tokenizer, HELDOUT_OPEN, PAIR_TOKENS)  # as long as the training pairs'
-        base_ord = generate(model, tokenizer, ORDINARY)
+        base_ord = generate(model, tokenizer, list(ORDINARY))
     base_open = [judged(r, tokenizer) for r in base_full]
     tuned_open = generate(model, tokenizer, HELDOUT_OPEN)
-    tuned_ord = generate(model, tokenizer, ORDINARY)
+    tuned_ord = generate(model, tokenizer, list(ORDINARY))
     for b, t in zip(base_open, tuned_open):
         log(f"Q: {b['prompt']}\n  base{' (runs on)' if runaway(b) else ''}: {b['answer']}\n"
             f"  tuned{' (runs on)' if runaway(t) else ''}: {t['answer']}")
     same = [b["answer"] == t["answer"] for b, t in zip(base_ord, tuned_ord)]
+    # An ordinary answer is kept when the tuned model still gives the fact the base model gave.
+    facts = [(ORDINARY[b["prompt"]].lower() in b["answer"].lower(), ORDINARY[b["prompt"]].lower() in t["answer"].lower())
+             for b, t in zip(base_ord, tuned_ord)]
     for b, t, s in zip(base_ord, tuned_ord, same):
         log(f"Q: {b['prompt']}\n  base: {b['answer']}\n  tuned: {t['answer']}{'' if s else '   <- changed'}")
 
@@ -216,6 +223,8 @@ def evaluate(model, tokenizer, adapter_model, beta: float = 0.1, log=print) -> d
         "heldout_accuracy": float((margin > 0).float().mean()) if margin.numel() else 0.0,
         "heldout_margin": float(margin.mean()) if margin.numel() else 0.0,
         "ordinary_unchanged": sum(same) / len(same),
+        "ordinary_fact_kept": sum(t for b, t in facts if b) / max(1, sum(b for b, _ in facts)),
+        "ordinary_base_right": sum(b for b, _ in facts) / len(facts),
         "ordinary_stopped": sum(t["stopped"] for t in tuned_ord) / len(tuned_ord),
         "tokens_per_answer_base": sum(len(b["ids"]) for b in base_open) / len(base_open),
         "tokens_per_answer_tuned": sum(len(t["ids"]) for t in tuned_open) / len(tuned_open),

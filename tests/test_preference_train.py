@@ -251,3 +251,22 @@ def test_reward_model_trains_and_exports_a_sequence_classifier(tmp_path, tiny_mo
             theirs = exported(input_ids=ids).logits[0, 0]
             assert float(theirs) == pytest.approx(float(ours[k]), rel=1e-4, abs=1e-5)
             a += n
+
+
+def test_qlora_dpo_reference_is_the_4bit_base_with_adapter_off(tmp_path, tiny_model_dir):
+    """QLoRA: the adapter-off reference of the NF4 model; DPO trains the adapter only."""
+    pytest.importorskip("bitsandbytes")
+    cfg = make_cfg(tmp_path, tiny_model_dir, quantization="nf4", max_steps=4, pack_to_max_length=False,
+                   batch_size=4)
+    t = Trainer(cfg, tmp_path / "w")
+    t.setup()
+    assert t.objective.adapter_model is t.model and t.objective.reference_model is None
+    batch = t.objective.make_batch(t.rows[:4])
+    with torch.no_grad():
+        ref = t.objective.reference_logps(t.train_model, batch, t.forward)
+        now = sequence_logps(t.train_model, batch, t.forward)
+    assert torch.allclose(ref, now, rtol=1e-6, atol=1e-5)  # LoRA B starts at zero: policy = reference
+    t.train()
+    log = _log(tmp_path / "w")
+    assert log[-1]["loss"] < log[0]["loss"] and log[-1]["rewards/margin"] > 0
+    assert all("lora_" in k for k in load_file(str(tmp_path / "w/iter_4/model.safetensors")))

@@ -42,10 +42,10 @@ shuffle_before_pack = True
 #######################################################################
 #                  PART 4  Optimizer & Schedule                       #
 #######################################################################
-lr = 5e-4
+lr = 2e-4  # a few times higher and DPO overshoots: answers shrink to nothing (see docs/preference.md)
 batch_size = 2  # packed rows of whole pairs
 accumulative_counts = 1
-max_steps = 24
+max_steps = 12
 warmup_ratio = 0.1
 max_norm = 1.0
 

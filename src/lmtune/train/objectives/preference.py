@@ -158,6 +158,11 @@ class PreferenceObjective(Objective):
                     values = None
             except Exception:  # damaged: recomputed, never trusted
                 values = None
+        # Every process must take the same branch (scoring is collective under sharded engines),
+        # also when the cache sits on disks of their own: recompute unless all of them found it.
+        found = trainer.dist.sum_tensor(torch.tensor(float(values is not None)))
+        if int(found) < trainer.dist.world_size:
+            values = None
         if values is None:
             model, forward, adapter_off = trainer.train_model, trainer.forward, self.adapter_model is not None
             if self.reference_model is not None:
