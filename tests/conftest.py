@@ -7,6 +7,22 @@ from pathlib import Path
 
 import pytest
 
+from lmtune.models.loader import cache_root
+
+# The machine's cache as the test run starts: models are fetched and converted there once.
+MACHINE_CACHE = cache_root()
+
+
+def data_cache(root: Path) -> str:
+    """A cache folder for one test's data stores that shares the machine's model cache: without the
+    shared models every such test would fetch and convert the embedded model again (~15 s)."""
+    root.mkdir(parents=True, exist_ok=True)
+    for sub in ("models", "downloads"):
+        (MACHINE_CACHE / sub).mkdir(parents=True, exist_ok=True)
+        if not (root / sub).exists():
+            (root / sub).symlink_to(MACHINE_CACHE / sub, target_is_directory=True)
+    return str(root)
+
 
 @pytest.fixture(scope="session")
 def smol_dir() -> str:

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import data_cache
 
 from lmtune.config import validate
 from lmtune.data.dataset import build_dataset, load_conversations
@@ -17,7 +18,7 @@ from lmtune.errors import UserError
 @pytest.fixture(autouse=True)
 def cache_home(smol_tokenizer, tmp_path, monkeypatch):
     # smol_tokenizer first: the model cache must resolve under the real root, not this temporary one.
-    monkeypatch.setenv("LMTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("LMTUNE_CACHE_DIR", data_cache(tmp_path / "cache"))
     return tmp_path / "cache"
 
 

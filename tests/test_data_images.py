@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import make_tiny_llama, make_tiny_tower, shape_image, write_jsonl
+from conftest import make_tiny_llama, make_tiny_tower, shape_image, write_jsonl, data_cache
 
 from lmtune.config import load_config
 from lmtune.data.formats import read_conversations
@@ -119,7 +119,7 @@ def test_dataset_rows_keep_image_references_through_the_cache(tmp_path, vparts, 
     from lmtune.data.templates import get_template
     from lmtune.models.kinds import model_kind
 
-    monkeypatch.setenv("LMTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("LMTUNE_CACHE_DIR", data_cache(tmp_path / "cache"))
     records = [{"conversations": [{"from": "human", "value": f"<image>\nColour {i}?"},
                                   {"from": "gpt", "value": "Red." if i % 2 else "Blue."}],
                 "image": vparts["red"] if i % 2 else vparts["blue"]} for i in range(6)]

@@ -8,7 +8,7 @@ import json
 
 import pytest
 
-from conftest import write_jsonl
+from conftest import write_jsonl, data_cache
 from lmtune.cli import main
 from lmtune.config import load_config
 from lmtune.data.conversation import Message
@@ -182,7 +182,7 @@ def test_packing_keeps_units_whole(tmp_path, smol_tokenizer):
 
 
 def test_dataset_cache_round_trip(tmp_path, smol_tokenizer, monkeypatch):
-    monkeypatch.setenv("LMTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("LMTUNE_CACHE_DIR", data_cache(tmp_path / "cache"))
     from lmtune.data.build import build_training_data
 
     data = write_jsonl(tmp_path / "d.jsonl", [{"prompt": f"Q{i}", "chosen": "a", "rejected": "b b"} for i in range(6)])

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import data_cache
 
 from lmtune.config import validate
 from lmtune.data import store as st
@@ -27,7 +28,7 @@ from lmtune.errors import UserError
 @pytest.fixture(autouse=True)
 def cache_home(smol_tokenizer, tmp_path, monkeypatch):
     # smol_tokenizer first: the model cache must resolve under the real root, not this temporary one.
-    monkeypatch.setenv("LMTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("LMTUNE_CACHE_DIR", data_cache(tmp_path / "cache"))
     return tmp_path / "cache"
 
 
@@ -345,7 +346,7 @@ def test_interrupted_prepare_resumes_to_the_same_store(tmp_path, tiny_model_dir,
     cfg_path = tmp_path / "cfg.py"
     cfg_path.write_text(f"model = {tiny_model_dir!r}\ndatasets = [{data!r}]\nobjective = 'pretrain'\n"
                         "max_length = 64\nnum_proc = 2\n")
-    env = dict(os.environ, LMTUNE_CACHE_DIR=str(tmp_path / "cut"), PYTHONUNBUFFERED="1")
+    env = dict(os.environ, LMTUNE_CACHE_DIR=data_cache(tmp_path / "cut"), PYTHONUNBUFFERED="1")
     # Small chunks, each encoded slowly, so the kill lands while shards are being written.
     slow = ("import sys, time, lmtune.data.prepare as p; p.CHUNK_MAX = 8; enc = p._encode_shard\n"
             "def slow(task):\n    time.sleep(0.05)\n    return enc(task)\n"
@@ -368,7 +369,7 @@ def test_interrupted_prepare_resumes_to_the_same_store(tmp_path, tiny_model_dir,
     assert "resuming the preparation" in out.stderr and "prepared now" in out.stdout
     assert not list((tmp_path / "cut" / "data").glob("*.partial"))
     # The same store as one uninterrupted preparation with default chunks and one process.
-    monkeypatch.setenv("LMTUNE_CACHE_DIR", str(tmp_path / "whole"))
+    monkeypatch.setenv("LMTUNE_CACHE_DIR", data_cache(tmp_path / "whole"))
     from lmtune.config import load_config
 
     cfg = load_config(str(cfg_path), {"num_proc": 1})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import data_cache
 
 from lmtune.cli import main
 from lmtune.config import validate
@@ -18,7 +19,7 @@ from lmtune.errors import UserError
 def cache_home(smol_tokenizer, tmp_path, monkeypatch):
     # check / show build token stores in the cache: keep them out of the user's.
     # smol_tokenizer first: the model cache must resolve under the real root, not this temporary one.
-    monkeypatch.setenv("LMTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("LMTUNE_CACHE_DIR", data_cache(tmp_path / "cache"))
     return tmp_path / "cache"
 
 
@@ -74,7 +75,7 @@ def test_replace_bad_input_leaves_output_untouched(tmp_path):
         replace_in_file(src, out, "OLD", "NEW", overwrite=True)
     assert f"{src}:2" in str(info.value) and "malformed JSON" in str(info.value)
     assert out.read_text() == "precious\n"
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jsonl", "out.jsonl"]  # no temp file
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name != "cache") == ["a.jsonl", "out.jsonl"]  # no temp file
     bad = tmp_path / "gbk.jsonl"
     bad.write_bytes('{"text": "你好"}\n'.encode("gbk"))
     with pytest.raises(UserError, match="not valid UTF-8"):

@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
+from conftest import write_jsonl, data_cache
 from lmtune.errors import UserError
 
 
@@ -307,7 +307,7 @@ def test_two_process_dpo_matches_one(case, tmp_path, tiny_model_dir):
         pytest.importorskip("deepspeed")
     data = write_jsonl(tmp_path / "pairs.jsonl", _pairs())
     cfg = _write_cfg(tmp_path / "cfg.py", tiny_model_dir, data, objective="dpo", max_steps=3, **kw)
-    env_cache = dict(os.environ, LMTUNE_CACHE_DIR=str(tmp_path / "cache"))
+    env_cache = dict(os.environ, LMTUNE_CACHE_DIR=data_cache(tmp_path / "cache"))
     for work, extra in (("one", []), ("two", ["--nproc-per-node", 2, *how, "batch_size=1"])):
         p = subprocess.Popen([sys.executable, "-m", "lmtune.cli", "train", str(cfg), "--work-dir", str(tmp_path / work),
                               *map(str, extra)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

@@ -12,7 +12,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
+from conftest import write_jsonl, data_cache
 from lmtune.config import load_config
 from lmtune.data.preference import build_preference_dataset
 from lmtune.data.templates import get_template
@@ -36,7 +36,7 @@ def _kto(n=24):
 
 @pytest.fixture(autouse=True)
 def _own_cache(tmp_path, monkeypatch):
-    monkeypatch.setenv("LMTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("LMTUNE_CACHE_DIR", data_cache(tmp_path / "cache"))
 
 
 def make_cfg(tmp_path, model, records=None, **kw):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
-from conftest import write_jsonl
+from conftest import write_jsonl, data_cache
 from lmtune.config import load_config
 from lmtune.train import checkpoint as ckpt
 from lmtune.train.loop import Trainer
@@ -39,8 +39,8 @@ def _cfg_file(path: Path, **kw) -> Path:
 
 @pytest.fixture
 def cache_env(tmp_path, monkeypatch):
-    monkeypatch.setenv("LMTUNE_CACHE_DIR", str(tmp_path / "cache"))
-    return dict(os.environ, LMTUNE_CACHE_DIR=str(tmp_path / "cache"), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    monkeypatch.setenv("LMTUNE_CACHE_DIR", data_cache(tmp_path / "cache"))
+    return dict(os.environ, LMTUNE_CACHE_DIR=data_cache(tmp_path / "cache"), OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
 
 
 def test_validation_loss_is_logged_and_the_best_checkpoint_kept(tmp_path, tiny_model_dir, cache_env):
