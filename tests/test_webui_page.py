@@ -155,7 +155,7 @@ def _stable_text(locator, settle: float = 4.0, timeout: float = 180.0) -> str:
 @pytest.mark.slow
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium at /usr/bin/chromium")
 def test_browser_trains_watches_chats_and_exports(tmp_path):
-    from playwright.sync_api import sync_playwright
+    from playwright.sync_api import expect, sync_playwright
 
     # The page runs in tmp_path with relative paths, as a user would in a project folder
     write_jsonl(tmp_path / "data" / "ada.jsonl", _identity_records())
@@ -248,7 +248,10 @@ def test_browser_trains_watches_chats_and_exports(tmp_path):
             page.locator("#webui-chat-load").click()
             _wait_text(page, "#webui-chat-status", f"Loaded {work}/hf on cpu", 180)
             page.get_by_text("Settings").last.click()
-            page.get_by_label("Temperature (0 = greedy)").first.fill("0")
+            temperature = page.locator("#lmtune-temperature input[type='number']")
+            temperature.fill("0")
+            temperature.press("Tab")  # Gradio takes a typed number on blur
+            expect(page.locator("#lmtune-temperature input[type='range']")).to_have_value("0")
             box = page.locator("#lmtune-input textarea")
             box.fill("Who are you?")
             box.press("Enter")

@@ -82,7 +82,8 @@ def chat_panel(get_engine, *, system: str = "", max_ctx: int = 2048, no_engine: 
         system_box = gr.Textbox(value=system or "", label="System prompt (empty: the template's default)",
                                 lines=2, elem_id="lmtune-system")
         with gr.Row():
-            temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature (0 = greedy)")
+            temperature = gr.Slider(0.0, 2.0, value=0.7, step=0.05, label="Temperature (0 = greedy)",
+                                    elem_id="lmtune-temperature")
             top_p = gr.Slider(0.05, 1.0, value=0.9, step=0.05, label="Top-p")
             max_new = gr.Slider(16, max_ctx, value=min(512, max_ctx), step=16, label="Max new tokens")
 

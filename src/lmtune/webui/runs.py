@@ -480,6 +480,11 @@ def read_progress(work_dir: str | Path) -> Progress:
     if is_alive(info):
         p.state = "running"
         return p
+    waiter = _WAITERS.get(info.pid)
+    if info.returncode is None and waiter is not None:  # ours, just ended: its exit status is on its way
+        waiter.join(timeout=5)
+        info = read_run(work) or info
+        p.returncode = info.returncode
     if info.stopped:
         p.state = "stopped"
     elif info.returncode == 0:
