@@ -1,8 +1,8 @@
 """`lmtune quickstart --vision`: a LLaVA taught to see, on the CPU, in a few minutes.
 
 No vision weights can be downloaded here (and no PyPI package ships any), so the LLaVA is composed
-from the embedded SmolLM2-135M-Instruct and a small, randomly initialised CLIP-style tower that
-trains together with the projector and a LoRA on the LLM. The task is generated on the fly:
+from the embedded SmolLM2-135M-Instruct (frozen) and a small, randomly initialised CLIP-style tower
+that trains together with the projector. The task is generated on the fly:
 32x32 pictures of a 2x2 grid holding one coloured square and up to three dark circles, and two
 kinds of questions: "What colour is the square?" and "How many circles are there?". Held-out
 pictures come from another seed; the tuned model's greedy answers are scored against the truth and
@@ -138,7 +138,7 @@ def run_vision_quickstart(work_dir: str = "work_dirs/quickstart_vision", max_ste
     _log(f"2/4 drawing {n_train} training pictures (seed 0) and {n_test} held-out ones (seed 1)…")
     train = write_dataset(work / "data" / "train", n_train, seed=0)
     test = write_dataset(work / "data" / "test", n_test, seed=1)
-    _log("3/4 training the LLaVA (tower + projector whole, LoRA on the LLM)…")
+    _log("3/4 training the LLaVA (tower + projector whole, the LLM frozen)…")
     overrides = {"vision_tower": str(tower), "datasets": [str(train)]}
     if max_steps:
         overrides["max_steps"] = max_steps
