@@ -88,7 +88,7 @@ def greedy_replies(model, tokenizer, template, questions: list[str], system: str
             prompts = [render_prompt(template, [{"role": "user", "content": q}], system)
                        for q in questions[i:i + batch_size]]
             enc = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16):
+            with torch.no_grad():  # the model's own precision: float32 on CPU, as `lmtune chat` answers
                 gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                      eos_token_id=stops, pad_token_id=pad)
             for row in gen[:, enc["input_ids"].shape[1]:].tolist():
