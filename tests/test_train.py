@@ -294,3 +294,17 @@ def test_bitsandbytes_optimizers_train(tmp_path, tiny_model_dir, data_file, opti
     t.train()
     losses = [loss for _, loss in t.state.history]
     assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_given_rows_need_no_data_files(tmp_path, tiny_model_dir, data_file):
+    """A Trainer given its rows (benchmarks, notebooks) does not ask for the config's data files."""
+    made = Trainer(make_cfg(tmp_path, tiny_model_dir, data_file, max_steps=2), tmp_path / "a")
+    made.setup()
+    cfg = make_cfg(tmp_path, tiny_model_dir, data_file, max_steps=2)
+    cfg.datasets = [dict(cfg.datasets[0], path=str(tmp_path / "missing.jsonl"))]
+    with pytest.raises(UserError, match="missing.jsonl"):
+        Trainer(cfg, tmp_path / "b").setup()
+    given = Trainer(cfg, tmp_path / "c", rows=made.rows)
+    given.setup()
+    loss, _ = given.step()
+    assert loss == pytest.approx(made.step()[0], rel=1e-6)

@@ -579,12 +579,13 @@ def load_config(name_or_path: str, overrides: dict | None = None) -> Config:
     return cfg
 
 
-def check_paths(cfg: Config) -> None:
-    """Fail early, naming the key, if a data file or local model path does not exist."""
+def check_paths(cfg: Config, data: bool = True, models: bool = True) -> None:
+    """Fail early, naming the key, if a data file or local model path does not exist (`data` /
+    `models` False: the caller brings its own rows / model)."""
     from lmtune.data.hub import is_datasets_source
 
     where = cfg._source or "config"
-    for name in ("datasets", "val_datasets"):
+    for name in ("datasets", "val_datasets") if data else ():
         for i, entry in enumerate(getattr(cfg, name)):
             if not Path(os.path.expanduser(entry["path"])).exists() and not is_datasets_source(entry):
                 raise UserError(
@@ -592,9 +593,11 @@ def check_paths(cfg: Config) -> None:
                     where=where,
                     hint=f"fix the '{name}' key, or make the data with `lmtune data self-cognition`",
                 )
-    if not cfg.datasets:
+    if data and not cfg.datasets:
         raise UserError("no training data: the 'datasets' key is empty", where=where,
                         hint="set datasets = ['path/to/data.jsonl'] in the config or with --cfg-options")
+    if not models:
+        return
     model = os.path.expanduser(cfg.model)
     # A hub id is "org/name"; anything else with a path shape must exist locally.
     looks_local = (model.startswith((".", "/", "~")) or model.endswith(".gguf")

@@ -68,8 +68,7 @@ class Trainer:
     # ------------------------------------------------------------------ setup
     def setup(self, resume_from: Path | None = None) -> None:
         cfg = self.cfg
-        if self.model is None or self.rows is None:
-            check_paths(cfg)
+        check_paths(cfg, data=self.rows is None, models=self.model is None)
         seed_everything(cfg.seed)
         self.device = self.dist.device(pick_device(cfg.device))
         self.amp_dtype = pick_precision(cfg, self.device)
