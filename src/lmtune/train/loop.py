@@ -258,6 +258,8 @@ class Trainer:
     def _probe(self) -> None:
         from lmtune.train.probes import probe_answers
 
+        if not self.cfg.evaluation_inputs:
+            return
         answers = probe_answers(self.model, self.tokenizer, self.template, self.cfg, self.device, self.amp_dtype)
         if not self.dist.is_main:
             return
