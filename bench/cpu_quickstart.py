@@ -20,6 +20,7 @@ import argparse
 import json
 import os
 import platform
+import statistics
 import resource
 import subprocess
 import sys
@@ -68,15 +69,17 @@ def run_lmtune(samples: Path, steps: int, batch: int, work: Path, variant: str) 
         "max_norm": 1.0, "evaluation_inputs": [], "seed": 0})
     t = Trainer(cfg, work / "lmtune_run", rows=rows)
     t.setup()
-    tokens, losses = 0, []
+    tokens, losses, step_s = 0, [], []
     t0 = time.time()
     for _ in range(steps):
-        before = t.state.tokens_seen
+        before, ts = t.state.tokens_seen, time.time()
         loss, _ = t.step()
+        step_s.append(time.time() - ts)
         tokens += t.state.tokens_seen - before
         losses.append(loss)
     assert torch.isfinite(torch.tensor(losses)).all()
-    return {"seconds": time.time() - t0, "tokens": tokens, "first_loss": losses[0], "last_loss": losses[-1]}
+    return {"seconds": time.time() - t0, "tokens": tokens, "first_loss": losses[0], "last_loss": losses[-1],
+            "step_s": step_s}
 
 
 def run_hf(samples: Path, steps: int, batch: int, work: Path, variant: str) -> dict:
@@ -103,7 +106,13 @@ def run_hf(samples: Path, steps: int, batch: int, work: Path, variant: str) -> d
 
     class Timer(TrainerCallback):
         def on_train_begin(self, *a, **k):
-            self.t0 = time.time()
+            self.t0, self.step_s = time.time(), []
+
+        def on_step_begin(self, *a, **k):
+            self.ts = time.time()
+
+        def on_step_end(self, *a, **k):
+            self.step_s.append(time.time() - self.ts)
 
         def on_train_end(self, *a, **k):
             self.t1 = time.time()
@@ -121,7 +130,7 @@ def run_hf(samples: Path, steps: int, batch: int, work: Path, variant: str) -> d
     logs = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     tokens = sum(len(r["input_ids"]) for r in rows)
     return {"seconds": timer.t1 - timer.t0, "tokens": tokens, "first_loss": logs[0], "last_loss": logs[-1],
-            "train_runtime": result.metrics.get("train_runtime")}
+            "train_runtime": result.metrics.get("train_runtime"), "step_s": timer.step_s}
 
 
 STACKS = {  # name in the table: (runner, variant)
@@ -166,13 +175,15 @@ def main() -> None:
     print(f"CPU quickstart fine-tune: SmolLM2-135M-Instruct, LoRA r16 all-linear, bf16 autocast, "
           f"{args.steps} steps × {args.batch} samples (one epoch, same samples for every stack), max_length "
           f"{MAX_LENGTH}; {os.cpu_count()} cores, {platform.processor() or platform.machine()}\n")
-    print("| stack | wall s | tokens/s | peak RSS MB | loss first → last |")
-    print("|---|---|---|---|---|")
+    print("| stack | wall s | tokens/s | step s median (min–max) | peak RSS MB | loss first → last |")
+    print("|---|---|---|---|---|---|")
     for name, r in results.items():
-        print(f"| {name} | {r['seconds']:.1f} | {r['tok_s']:.0f} | {r['peak_rss_mb']:.0f} | "
+        steps_s = r["step_s"]
+        print(f"| {name} | {r['seconds']:.1f} | {r['tok_s']:.0f} | {statistics.median(steps_s):.2f} "
+              f"({min(steps_s):.2f}–{max(steps_s):.2f}) | {r['peak_rss_mb']:.0f} | "
               f"{r['first_loss']:.3f} → {r['last_loss']:.3f} |")
     print(f"| **lmtune ÷ best HF** | {lm['seconds'] / best_hf['seconds']:.2f}× time | "
-          f"**{lm['tok_s'] / best_hf['tok_s']:.2f}×** | {lm['peak_rss_mb'] / best_hf['peak_rss_mb']:.2f}× | |")
+          f"**{lm['tok_s'] / best_hf['tok_s']:.2f}×** | | {lm['peak_rss_mb'] / best_hf['peak_rss_mb']:.2f}× | |")
 
 
 if __name__ == "__main__":

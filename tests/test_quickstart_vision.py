@@ -35,7 +35,7 @@ def test_vision_quickstart_counts_shapes_on_held_out_pictures(tmp_path, capsys):
     line = next(x for x in out.splitlines() if x.startswith("held-out accuracy"))
     colour = int(line.split("colour of the square ")[1].split("%")[0])
     count = int(line.split("number of circles ")[1].split("%")[0])
-    # Counting is learned (80% in the last full run); naming the square's colour is not yet (27%,
-    # about chance: see docs/vision.md). The test holds what is shown, and that both are reported.
-    assert count >= 45 and 0 <= colour <= 100, line  # chance: 25% each
+    # Counting is learned (80% in the run that printed it); naming the square's colour is not yet
+    # (27%, about chance: see docs/vision.md). Both are parsed from the printout; counting is held.
+    assert count >= 45, (line, colour)  # chance: 25% each
     assert (tmp_path / "work" / "hf" / "config.json").is_file()

@@ -587,7 +587,7 @@ def build_preference_dataset(cfg, tokenizer, template: ChatTemplate, use_cache: 
 
 def check_command(cfg, tokenizer, template) -> int:
     """`lmtune data check` for preference data: records, pairs, lengths, cuts, skipped (file:line)."""
-    from lmtune.data.report import histogram
+    from lmtune.data.report import histogram, print_sources_and_problems, skipped_text
 
     errors: list[UserError] = []
     prefs, sources = load_preferences(cfg, errors)
@@ -595,21 +595,10 @@ def check_command(cfg, tokenizer, template) -> int:
     units, stats = make_units(encoded, cfg.objective, cfg.max_length, cfg.seed)
     unit = "pairs" if cfg.objective in PAIRED_OBJECTIVES else "examples"
     print(f"objective: {cfg.objective}   template: {template.name}   max_length: {cfg.max_length} per sequence")
-    print("sources:")
-    for path, s in sources.items():
-        bad = f", {s['errors']} bad record(s)" if s["errors"] else ""
-        print(f"  {path}: {s['read']} records read, {s['used']} used (repeat {s['repeat']:g}){bad}")
-    if errors:
-        print(f"problems ({len(errors)}):")
-        for e in errors[:20]:
-            print(f"  {e}".replace("\n", "\n  "))
-        if len(errors) > 20:
-            print(f"  … and {len(errors) - 20} more")
+    print_sources_and_problems(sources, errors, "records")
     n_pairs = sum(1 for p in prefs if p.chosen is not None and p.rejected is not None)
     print(f"records: {len(prefs)} ({n_pairs} pairs, {len(prefs) - n_pairs} single labelled answers)")
-    skipped = sum(stats["skipped"].values())
-    print(f"{unit}: {stats['units']}; skipped {skipped}"
-          + (f" ({', '.join(f'{k}: {v}' for k, v in stats['skipped'].items())})" if skipped else ""))
+    print(f"{unit}: {stats['units']}; {skipped_text(stats['skipped'])}")
     for ex in stats["skipped_examples"][:10]:
         print(f"  skipped {ex['source']}: {ex['reason'].replace('_', ' ')}")
     print(f"truncated: {stats['prompt_cut']} prompt(s) cut from the front, {stats['answer_cut']} answer(s) cut "

@@ -23,6 +23,26 @@ def histogram(lengths, max_length: int, buckets: int = 8, width: int = 40) -> st
     return "\n".join(lines)
 
 
+def print_sources_and_problems(sources: dict, errors: list, read_noun: str) -> None:
+    """The `data check` lines for each source (read / used / repeat / bad) and the first 20 problems."""
+    print("sources:")
+    for path, s in sources.items():
+        bad = f", {s['errors']} bad record(s)" if s["errors"] else ""
+        print(f"  {path}: {s['read']} {read_noun} read, {s['used']} used (repeat {s['repeat']:g}){bad}")
+    if errors:
+        print(f"problems ({len(errors)}):")
+        for e in errors[:20]:
+            print(f"  {e}".replace("\n", "\n  "))
+        if len(errors) > 20:
+            print(f"  … and {len(errors) - 20} more")
+
+
+def skipped_text(skipped: dict) -> str:
+    """'skipped N' and, when N > 0, the count per reason."""
+    n = sum(skipped.values())
+    return f"skipped {n}" + (f" ({', '.join(f'{k}: {v}' for k, v in skipped.items())})" if n else "")
+
+
 def masked_text(ids: list[int], labels: list[int], tokenizer) -> str:
     """Decoded text with the spans that carry no loss wrapped in [[ ]]."""
     from lmtune.data.tokenize import IGNORE_INDEX

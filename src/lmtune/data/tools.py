@@ -9,7 +9,8 @@ from typing import Any
 
 from lmtune.atomic import check_out_file, write_text_atomic
 from lmtune.data import self_cognition_train_phrases as P
-from lmtune.data.report import MASK_CLOSE, MASK_OPEN, histogram, masked_text  # noqa: F401 (used by data show/check)
+from lmtune.data.report import (  # noqa: F401 (used by data show/check)
+    MASK_CLOSE, MASK_OPEN, histogram, masked_text, print_sources_and_problems, skipped_text)
 from lmtune.data.tokenize import IGNORE_INDEX
 from lmtune.errors import UserError
 
@@ -200,19 +201,8 @@ def check_command(cfg) -> int:
     stats, sources = data.stats, data.stats["sources"]
 
     print(f"template: {template.name}   stop words: {', '.join(template.stop_words)}   max_length: {cfg.max_length}")
-    print("sources:")
-    for path, s in sources.items():
-        bad = f", {s['errors']} bad record(s)" if s["errors"] else ""
-        print(f"  {path}: {s['read']} conversations read, {s['used']} used (repeat {s['repeat']:g}){bad}")
-    if errors:
-        print(f"problems ({len(errors)}):")
-        for e in errors[:20]:
-            print(f"  {e}".replace("\n", "\n  "))
-        if len(errors) > 20:
-            print(f"  … and {len(errors) - 20} more")
-    skipped = sum(stats["skipped"].values())
-    print(f"samples: {stats['samples']} from {stats['conversations']} conversations; "
-          f"skipped {skipped}" + (f" ({', '.join(f'{k}: {v}' for k, v in stats['skipped'].items())})" if skipped else ""))
+    print_sources_and_problems(sources, errors, "conversations")
+    print(f"samples: {stats['samples']} from {stats['conversations']} conversations; {skipped_text(stats['skipped'])}")
     for ex in stats["skipped_examples"][:5]:
         print(f"  skipped {ex['source']}: {ex['reason']}")
     print(f"truncated: {stats['truncated']} (a trained turn or part of one was cut to fit max_length)")

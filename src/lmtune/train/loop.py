@@ -184,7 +184,7 @@ class Trainer:
         # A record without "loss": where this (possibly resumed) run starts and how far it goes,
         # so a watcher (the webui) can show progress before the first step is done.
         self.log.write({"step": self.state.step, "total_steps": self.total_steps})
-        if cfg.evaluation_inputs and self.state.step == 0:
+        if self.state.step == 0:
             self._probe()
         bar = self._progress()
         t_start, tokens_at_start = time.time(), self.state.tokens_seen
@@ -211,8 +211,7 @@ class Trainer:
                 self.save_checkpoint()  # (validation, first, may just have saved this step as the new best)
         if bar is not None:
             bar.close()
-        if cfg.evaluation_inputs:
-            self._probe()
+        self._probe()
         out = self.export_final()
         self.log.close()
         return out
@@ -258,7 +257,7 @@ class Trainer:
     def _probe(self) -> None:
         from lmtune.train.probes import probe_answers
 
-        if not self.cfg.evaluation_inputs:
+        if not self.cfg.evaluation_inputs:  # every probe point asks here: nothing to ask, nothing printed
             return
         answers = probe_answers(self.model, self.tokenizer, self.template, self.cfg, self.device, self.amp_dtype)
         if not self.dist.is_main:
