@@ -98,3 +98,18 @@ def write_jsonl(path: Path, records: list[dict]) -> Path:
         for r in records:
             f.write(json.dumps(r, ensure_ascii=False) + "\n")
     return path
+
+
+def set_slider(page, elem_id: str, value: str, timeout: float = 20.0) -> None:
+    """Set a Gradio slider in a Playwright page and wait until the value holds: a value set before
+    the page's scripts have settled can be put back to the default, so set it again until it stays."""
+    import time
+
+    slider = page.locator(f"#{elem_id} input[type='range']")
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        slider.fill(value)  # sets the range and fires its input/change events
+        page.wait_for_timeout(500)
+        if slider.input_value() == value:
+            return
+    raise AssertionError(f"slider #{elem_id} did not keep the value {value}")

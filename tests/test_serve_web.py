@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
+from conftest import set_slider  # noqa: E402
 from test_serve_common import ROOT, free_port, start_server, stop_server, tiny_model  # noqa: E402,F401
 
 CHROMIUM = "/usr/bin/chromium"
@@ -62,7 +63,7 @@ def watch_answer(page) -> list[str]:
 
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium at /usr/bin/chromium")
 def test_browser_sees_a_streamed_answer(tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import sync_playwright
 
     port = free_port()
     proc = start_server(["web", "smollm2-135m-instruct", "--port", str(port), "--title", "lmtune demo"], port,
@@ -77,9 +78,7 @@ def test_browser_sees_a_streamed_answer(tmp_path):
             assert page.title() == "lmtune demo"
             # greedy, so the answer is the model's best and the test is repeatable
             page.get_by_text("Settings").click()
-            slider = page.locator("#lmtune-temperature input[type='range']")
-            slider.fill("0")  # sets the range and fires its input/change events
-            expect(slider).to_have_value("0")
+            set_slider(page, "lmtune-temperature", "0")
             box.fill(QUESTION)
             box.press("Enter")
             seen = watch_answer(page)

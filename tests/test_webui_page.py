@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, os.path.dirname(__file__))
-from conftest import write_jsonl  # noqa: E402
+from conftest import set_slider, write_jsonl  # noqa: E402
 from test_serve_common import ENV, ROOT, free_port, stop_server, tiny_model  # noqa: E402,F401
 from test_serve_web import CHROMIUM, CHROMIUM_ARGS  # noqa: E402
 
@@ -155,7 +155,7 @@ def _stable_text(locator, settle: float = 4.0, timeout: float = 180.0) -> str:
 @pytest.mark.slow
 @pytest.mark.skipif(not Path(CHROMIUM).exists(), reason="needs Debian's chromium at /usr/bin/chromium")
 def test_browser_trains_watches_chats_and_exports(tmp_path):
-    from playwright.sync_api import expect, sync_playwright
+    from playwright.sync_api import sync_playwright
 
     # The page runs in tmp_path with relative paths, as a user would in a project folder
     write_jsonl(tmp_path / "data" / "ada.jsonl", _identity_records())
@@ -248,9 +248,7 @@ def test_browser_trains_watches_chats_and_exports(tmp_path):
             page.locator("#webui-chat-load").click()
             _wait_text(page, "#webui-chat-status", f"Loaded {work}/hf on cpu", 180)
             page.get_by_text("Settings").last.click()
-            slider = page.locator("#lmtune-temperature input[type='range']")
-            slider.fill("0")  # sets the range and fires its input/change events
-            expect(slider).to_have_value("0")
+            set_slider(page, "lmtune-temperature", "0")
             box = page.locator("#lmtune-input textarea")
             box.fill("Who are you?")
             box.press("Enter")
