@@ -65,6 +65,8 @@ class Config:
     # dpo / kto: the reference's log-probabilities computed once before training and cached beside
     # the data cache (no reference forward during training, no second model in memory).
     precompute_reference: bool = False
+    # Weight of the KL term on data sources marked loss = "kl_to_base" (see docs/workflow.md).
+    kl_to_base_weight: float = 1.0
     quantization: Literal["none", "nf4", "int8"] = "none"
     lora_r: int = 16
     lora_alpha: int = 32
@@ -184,6 +186,7 @@ RANGES = {
     "num_workers": (0, None),
     "label_smoothing": (0.0, 0.49),
     "orpo_lambda": (0.0, None),
+    "kl_to_base_weight": (0.0, None),
     "simpo_gamma": (0.0, None),
     "kto_desirable_weight": (0.0, None),
     "kto_undesirable_weight": (0.0, None),
@@ -329,6 +332,13 @@ def _check_objective(cfg: Config, source: str | None, lines: dict) -> None:
     if cfg.label_smoothing and not (cfg.objective in ("dpo", "simpo") and cfg.dpo_loss == "sigmoid"):
         raise UserError("label_smoothing applies to objective 'dpo' with dpo_loss = 'sigmoid', and to 'simpo'",
                         where=where("label_smoothing"), hint="set label_smoothing = 0.0")
+    kl = [i for i, d in enumerate(cfg.datasets) if d.get("loss") == "kl_to_base"]
+    if kl and cfg.objective not in ("sft", "pretrain"):
+        raise UserError(f"datasets[{kl[0]}]: loss 'kl_to_base' applies to objectives 'sft' and 'pretrain', "
+                        f"not '{cfg.objective}'", where=where("datasets"), hint="remove the key from that source")
+    if kl and len(kl) == len(cfg.datasets):
+        raise UserError("every source has loss 'kl_to_base': nothing would teach the model anything new",
+                        where=where("datasets"), hint="keep loss 'labels' (the default) on the data to learn from")
     if cfg.objective == "reward" and cfg.evaluation_inputs:
         raise UserError("a reward model does not generate text, so evaluation_inputs cannot be answered",
                         where=where("evaluation_inputs"), hint="set evaluation_inputs = []")
@@ -343,7 +353,10 @@ def _check_objective(cfg: Config, source: str | None, lines: dict) -> None:
                             where=where("datasets") if fmt != cfg.data_format else where("data_format"))
 
 
-_SOURCE_KEYS = {"path", "format", "repeat", "weight", "name", "split", "revision", "streaming", "image_folder"}
+_SOURCE_KEYS = {"path", "format", "repeat", "weight", "name", "split", "revision", "streaming", "image_folder", "loss"}
+# What a source's samples are trained towards: their labels (next-token cross-entropy), or the base
+# model's own next-token distribution on them (KL to the base: "keep answering these as before").
+SOURCE_LOSSES = ("labels", "kl_to_base")
 
 
 def _check_datasets(cfg: Config, source: str | None, lines: dict) -> None:
@@ -366,6 +379,13 @@ def _check_datasets(cfg: Config, source: str | None, lines: dict) -> None:
                     where=where,
                     hint=f"did you mean '{near[0]}'?" if near else f"valid keys: {', '.join(sorted(_SOURCE_KEYS))}",
                 )
+            loss = entry.get("loss", "labels")
+            if loss not in SOURCE_LOSSES:
+                raise UserError(f"{name}[{i}]: loss must be one of {', '.join(map(repr, SOURCE_LOSSES))}, got {loss!r}",
+                                where=where)
+            if loss != "labels" and name == "val_datasets":
+                raise UserError(f"val_datasets[{i}]: loss {loss!r} applies to training data only", where=where,
+                                hint="remove the key; validation loss is next-token cross-entropy")
             entry = dict(entry)
             if cfg.image_folder:
                 entry.setdefault("image_folder", cfg.image_folder)

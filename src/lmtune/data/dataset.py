@@ -334,6 +334,7 @@ def _open_sources(entries: list, cfg, tokenizer, template, root: Path, use_lock:
             errors.append(e)
             info.append((i, str(entry["path"]), 0, len(errors) - n_errors, False))
             continue
+        store.loss = entry.get("loss", "labels")  # what its samples train towards (not part of the store)
         stores.append(store)
         keys.append(key)
         info.append((i, str(entry["path"]), store.n_convs, len(errors) - n_errors if errors is not None else 0, True))
@@ -375,6 +376,9 @@ def build_dataset(cfg, tokenizer, template: ChatTemplate, use_cache: bool = True
         settings = {"v": CACHE_VERSION, "train": train_keys, "val": val_keys, "factors": factors, "seed": cfg.seed,
                     "pack": packed, "shuffle": cfg.shuffle_before_pack, "max_length": cfg.max_length,
                     "max_dataset_samples": cfg.max_dataset_samples, "val_set_size": cfg.val_set_size}
+        losses = [entry.get("loss", "labels") for entry in cfg.datasets]
+        if set(losses) != {"labels"}:  # rows carry which samples train towards the base model
+            settings["losses"] = losses
         key = _digest(settings)
         folder = root / f"rows-{key}"
         n_samples = int(train_src.sample_base[-1] + val_src.sample_base[-1])
@@ -412,7 +416,10 @@ def build_dataset(cfg, tokenizer, template: ChatTemplate, use_cache: bool = True
     all_src = Sources(train_src.stores + val_src.stores, kind)
     if not use_cache:  # the temporary folder goes when nothing reads it any more
         weakref.finalize(all_src, remove, root)
-    rows = StoreRows(all_src, *splits["train"], packed=packed, fingerprint=meta["fingerprints"]["train"])
+    train_fp = meta["fingerprints"]["train"]
+    if "losses" in settings and train_fp:  # which samples train towards the base is part of what training reads
+        train_fp = _digest([train_fp, settings["losses"]])
+    rows = StoreRows(all_src, *splits["train"], packed=packed, fingerprint=train_fp)
     val_rows = None
     if "val" in splits and len(splits["val"][0]) > 1:
         val_rows = StoreRows(all_src, *splits["val"], packed=packed, fingerprint=meta["fingerprints"]["val"])

@@ -209,7 +209,11 @@ class StoreRows(Sequence):
         if not 0 <= i < len(self):
             raise IndexError(f"row {i} of {len(self)}")
         parts = [self.sources.locate(int(g)) for g in self.samples[self.offsets[i]:self.offsets[i + 1]]]
-        return self.sources.kind.make_row([store.sample(local) for store, local in parts], self.packed)
+        row = self.sources.kind.make_row([store.sample(local) for store, local in parts], self.packed)
+        kl = [getattr(store, "loss", "labels") == "kl_to_base" for store, _ in parts]
+        if any(kl):  # per sample: trained towards the base model's distribution, not its labels
+            row["kl_to_base"] = kl
+        return row
 
     def __eq__(self, other) -> bool:
         if not isinstance(other, Sequence) or len(other) != len(self):

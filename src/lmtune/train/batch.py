@@ -70,8 +70,15 @@ def micro_batches(picked: list[dict], batch_size: int, accum: int, world: int, r
 def to_device(batch: dict, device: torch.device) -> dict:
     """Move a batch to the device without stalling the host (pinned, non-blocking copies)."""
     cuda = torch.device(device).type == "cuda"
-    return {k: (v.pin_memory().to(device, non_blocking=True) if cuda else v.to(device))
-            if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def move(v):
+        if isinstance(v, dict):  # a batch inside the batch (e.g. the samples scored by the base model)
+            return to_device(v, device)
+        if torch.is_tensor(v):
+            return v.pin_memory().to(device, non_blocking=True) if cuda else v.to(device)
+        return v
+
+    return {k: move(v) for k, v in batch.items()}
 
 
 def count_loss_tokens(rows: list[dict]) -> int:

@@ -42,7 +42,7 @@ def data_fingerprint(rows) -> str:
     h = hashlib.sha256()
     h.update(str(len(rows)).encode())
     for row in rows:
-        for key in ("input_ids", "labels", "position_ids"):
+        for key in ("input_ids", "labels", "position_ids", "kl_to_base"):
             value = row.get(key)
             if value is not None:
                 h.update(np.asarray(value, dtype=np.int64).tobytes())

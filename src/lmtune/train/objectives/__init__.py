@@ -27,7 +27,9 @@ def make_objective(cfg, reference_model=None, kind=None) -> Objective:
     the one the objective would find itself; `kind` (the model kind) adds what its batches need
     (a vision-language model's images)."""
     if cfg.objective in ("sft", "pretrain"):
-        return NextToken(cfg.objective, extra_inputs=getattr(kind, "vision_inputs", None))
+        kl = any(d.get("loss") == "kl_to_base" for d in cfg.datasets)
+        return NextToken(cfg.objective, extra_inputs=getattr(kind, "vision_inputs", None),
+                         kl_to_base_weight=cfg.kl_to_base_weight if kl else None)
     if cfg.objective == "dpo":
         from lmtune.train.objectives.dpo import DPO
 

@@ -21,11 +21,9 @@ The reference (DPO, KTO) comes, in this order of preference, from
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import math
-from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -35,6 +33,7 @@ from lmtune.errors import UserError
 from lmtune.train.batch import flat_batch, to_device
 from lmtune.train.losses import plain_token_logprobs
 from lmtune.train.objectives.base import Forward, Objective
+from lmtune.train.objectives.reference import evaluating, load_frozen_reference
 
 
 def preference_batch(rows: list[dict]) -> dict:
@@ -83,18 +82,6 @@ def sequence_logps(model, batch: dict, forward: Forward) -> torch.Tensor:
     return tok.new_zeros(batch["n_seqs"]).index_add(0, batch["loss_seq"], tok)
 
 
-@contextlib.contextmanager
-def _evaluating(model):
-    """The reference is scored without dropout, then the model goes back to training mode."""
-    was = model.training
-    model.eval()
-    try:
-        yield
-    finally:
-        if was:
-            model.train()
-
-
 class PreferenceObjective(Objective):
     """The count (pairs, or KTO examples), the batch and the reference; subclasses add `loss`."""
 
@@ -136,7 +123,7 @@ class PreferenceObjective(Objective):
         with torch.no_grad():
             if self.reference_model is not None:
                 return sequence_logps(self.reference_model, batch, self.ref_forward)
-            with _evaluating(model), self.adapter_model.disable_adapter():
+            with evaluating(model), self.adapter_model.disable_adapter():
                 return sequence_logps(model, batch, forward)
 
     def precompute(self, trainer) -> None:
@@ -200,7 +187,7 @@ class PreferenceObjective(Objective):
             mine = g < len(groups)
             idx = groups[g] if mine else groups[0]  # a forward that is thrown away keeps step with the others
             batch = to_device(preference_batch([rows[i] for i in idx]), trainer.device)
-            with torch.no_grad(), _evaluating(model), torch.autocast(trainer.device.type, dtype=amp,
+            with torch.no_grad(), evaluating(model), torch.autocast(trainer.device.type, dtype=amp,
                                                                      enabled=amp is not None):
                 if adapter_off:
                     with self.adapter_model.disable_adapter():
@@ -233,33 +220,6 @@ def reference_key(trainer) -> str:
             "quantization": cfg.quantization, "torch_dtype": cfg.torch_dtype, "amp": str(trainer.amp_dtype),
             "device": trainer.device.type, "v": 1}
     return hashlib.sha256(json.dumps(info, sort_keys=True, default=str).encode()).hexdigest()[:32]
-
-
-def load_frozen_reference(trainer):
-    """A frozen copy of the base model and how to feed it (the policy's attention and loss head)."""
-    from lmtune.train import fast_path
-    from lmtune.train.losses import LossHead
-
-    cfg = trainer.cfg
-    if trainer.dist.name == "fsdp2" or getattr(trainer.dist, "stage", 0) == 3:
-        raise UserError(
-            f"full fine-tuning with objective '{cfg.objective}' under {trainer.dist.name} would keep a whole "
-            "reference model on every process", where=cfg._source,
-            hint="set precompute_reference = True (reference log-probabilities computed once, no reference "
-                 "model in memory), or train LoRA (the reference is the model with its adapter off)")
-    model = trainer.kind.load(cfg, trainer.device)
-    model.config.use_cache = False
-    fp = fast_path.setup_base_model(model, replace(cfg, gradient_checkpointing=False), trainer.device,
-                                    trainer.amp_dtype)
-    model.requires_grad_(False)
-    model.eval()
-    if cfg.quantization == "none":
-        model.to(trainer.device)
-        if trainer.device.type == "cuda" and trainer.amp_dtype is not None:
-            model.to(trainer.amp_dtype)  # computed under autocast anyway: half the memory
-    if trainer.fast.loss == "chunked":
-        fp.loss, fp.loss_head = "chunked", LossHead(model.get_output_embeddings())
-    return model, Forward(fast=fp, kind=trainer.kind)
 
 
 def pair_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Tensor) -> dict:
