@@ -12,7 +12,10 @@ import time
 from pathlib import Path
 
 QUICKSTART_CONFIG = "smollm2_135m_lora_self_cognition"
-IDENTITY_CONVERSATIONS = 200
+IDENTITY_CONVERSATIONS = 300
+# Chinese share of them: the Chinese answers are short and learnt fast, and fewer of them pull
+# fewer ordinary Chinese questions towards "我是…"
+IDENTITY_CHINESE = 0.4
 IDENTITY_MAX_NEW_TOKENS = 64  # the identity replies are short; a reply still going at 64 is a failure
 GENERAL_MAX_NEW_TOKENS = 48  # enough for the first sentence, which is what is compared
 
@@ -66,14 +69,36 @@ GENERAL_QUESTIONS = [
     "What is frozen water called?",
     "2加2等于几？",
     "2乘3等于几？",
+    # Added with the KL-to-base recipe, before any run of it ("What do people use…" was "What do
+    # you use…", which asks the assistant about itself).
+    "Which instrument has black and white keys?",
+    "Which month comes after March?",
+    "What do people use to write on paper?",
+    "Which is bigger, an elephant or a mouse?",
+    "What do we call the meal eaten in the morning?",
+    "What shape is a ball?",
+    "How many hours of sleep do adults need?",
+    "What coin is worth one cent?",
+    "What is an igloo made of?",
+    "十的一半是多少？",
+    "中国最长的河是什么？",
+    "太阳系有几颗行星？",
 ]
+# A tuned answer "follows the base" when, at every token of its first sentence, the base model
+# gave that token a probability within NEAR_TIE of its own favourite's (teacher-forced, adapter
+# off). The base's own greedy answer follows it with 0 everywhere. Where the base hesitates between
+# two continuations (its favourite leads by 1-2 points on several of these questions, and bf16
+# rounding alone flips some), a fine-tune may take the other one: same first sentence counts those
+# as different, this counts them as the base's own.
+NEAR_TIE = 0.05
 
 
 def greedy_replies(model, tokenizer, template, questions: list[str], system: str | None,
-                   max_new_tokens: int, batch_size: int = 32) -> list[tuple[str, bool]]:
+                   max_new_tokens: int, batch_size: int = 32, token_ids: list | None = None) -> list[tuple[str, bool]]:
     """Greedy single-turn answers, several questions per `generate` call (left-padded): on CPU a
     small model's step costs about the same for one question or a few dozen. Returns (text, stopped) per question,
-    `stopped` meaning it ended with an end-of-turn token rather than at max_new_tokens."""
+    `stopped` meaning it ended with an end-of-turn token rather than at max_new_tokens. With a list
+    `token_ids`, each answer's generated token ids (up to its stop) are appended to it."""
     import torch
 
     from lmtune.models.generation import render_prompt, stop_token_ids
@@ -93,6 +118,8 @@ def greedy_replies(model, tokenizer, template, questions: list[str], system: str
                                      eos_token_id=stops, pad_token_id=pad)
             for row in gen[:, enc["input_ids"].shape[1]:].tolist():
                 end = next((k for k, t in enumerate(row) if t in stops), None)
+                if token_ids is not None:
+                    token_ids.append(row if end is None else row[:end])
                 text = tokenizer.decode(row if end is None else row[:end], skip_special_tokens=True)
                 for word in template.stop_words:
                     text = text.split(word)[0]
@@ -102,12 +129,40 @@ def greedy_replies(model, tokenizer, template, questions: list[str], system: str
     return out
 
 
+def _first_sentence_text(text: str) -> str:
+    line = text.strip().split("\n")[0]
+    end = re.search(r"[.!?](?=\s|$)|[。！？]", line)
+    return line[: end.end()] if end else line
+
+
 def first_sentence(text: str) -> str:
     """The answer's first sentence, for comparing two answers: its first line up to the first
     sentence end (. ! ? followed by a space or the end, or 。！？), lower-cased, spaces collapsed."""
-    line = text.strip().split("\n")[0]
-    end = re.search(r"[.!?](?=\s|$)|[。！？]", line)
-    return " ".join((line[: end.end()] if end else line).lower().split())
+    return " ".join(_first_sentence_text(text).lower().split())
+
+
+def base_gap(model, tokenizer, template, question: str, answer_ids: list[int], system: str | None) -> float:
+    """How far an answer's first sentence strays from what `model` would say: the largest, over the
+    answer's generated tokens up to the end of its first sentence (teacher-forced), of the model's
+    top probability minus the probability of the answer's token. 0 for the model's own greedy answer."""
+    import torch
+
+    from lmtune.models.generation import render_prompt
+
+    sentence = _first_sentence_text(tokenizer.decode(answer_ids, skip_special_tokens=True))
+    said = next((answer_ids[:k] for k in range(1, len(answer_ids) + 1)
+                 if len(tokenizer.decode(answer_ids[:k], skip_special_tokens=True).strip()) >= len(sentence)),
+                answer_ids)
+    if not said:
+        return 0.0
+    prompt = tokenizer(render_prompt(template, [{"role": "user", "content": question}], system),
+                       add_special_tokens=False)["input_ids"]
+    device = next(p.device for p in model.parameters())
+    with torch.no_grad():
+        logits = model(input_ids=torch.tensor([prompt + said], device=device)).logits[0, len(prompt) - 1:-1]
+    probs = logits.float().softmax(-1)
+    chosen = probs.gather(1, torch.tensor(said, device=device)[:, None])[:, 0]
+    return float((probs.max(-1).values - chosen).max())
 
 
 def evaluate(model_dir: str, name: str) -> dict:
@@ -129,37 +184,46 @@ def evaluate(model_dir: str, name: str) -> dict:
     if not hasattr(model, "disable_adapter"):
         raise RuntimeError(f"{model_dir} holds no LoRA adapter; the quickstart compares against the base through it")
     identity = greedy_replies(model, tokenizer, template, HELDOUT_IDENTITY_QUESTIONS, system, IDENTITY_MAX_NEW_TOKENS)
-    tuned = greedy_replies(model, tokenizer, template, GENERAL_QUESTIONS, system, GENERAL_MAX_NEW_TOKENS)
+    tuned_ids: list = []
+    tuned = greedy_replies(model, tokenizer, template, GENERAL_QUESTIONS, system, GENERAL_MAX_NEW_TOKENS,
+                           token_ids=tuned_ids)
     with model.disable_adapter():
         base = greedy_replies(model, tokenizer, template, GENERAL_QUESTIONS, system, GENERAL_MAX_NEW_TOKENS)
+        gaps = [base_gap(model, tokenizer, template, q, ids, system) for q, ids in zip(GENERAL_QUESTIONS, tuned_ids)]
 
     answers = []
     for q, (text, stopped) in zip(HELDOUT_IDENTITY_QUESTIONS, identity):
         lang = "en" if q in HELDOUT_IDENTITY_EN else "zh"
         answers.append({"kind": f"identity_{lang}", "question": q, "answer": text, "stopped": stopped,
                         "named": name in text})
-    for q, (text, stopped), (base_text, _) in zip(GENERAL_QUESTIONS, tuned, base):
+    for q, (text, stopped), (base_text, _), gap in zip(GENERAL_QUESTIONS, tuned, base, gaps):
         answers.append({"kind": "general", "question": q, "answer": text, "stopped": stopped, "base": base_text,
-                        "same_as_base": first_sentence(text) == first_sentence(base_text)})
+                        "same_as_base": first_sentence(text) == first_sentence(base_text),
+                        "base_gap": round(gap, 4), "follows_base": gap <= NEAR_TIE})
 
     def count(kind: str, key: str) -> list[int]:
         rows = [a for a in answers if a["kind"] == kind]
         return [sum(a[key] for a in rows), len(rows)]
 
     return {"answers": answers, "identity_en": count("identity_en", "named"),
-            "identity_zh": count("identity_zh", "named"), "general_same": count("general", "same_as_base")}
+            "identity_zh": count("identity_zh", "named"), "general_same": count("general", "same_as_base"),
+            "general_follows_base": count("general", "follows_base")}
 
 
 def print_report(result: dict, name: str) -> None:
     for a in result["answers"]:
         if a["kind"] == "general":
             mark = "same as base" if a["same_as_base"] else f"base said: {a['base']!r}"
+            if not a["same_as_base"]:
+                mark += f"; {'within' if a['follows_base'] else 'beyond'} the base's near-ties ({a['base_gap']:.3f})"
             print(f"Q: {a['question']}\nA: {a['answer']}\n   ({mark})\n")
         else:
             print(f"Q: {a['question']}\nA: {a['answer']}\n")
     (en, n_en), (zh, n_zh), (same, n_gen) = result["identity_en"], result["identity_zh"], result["general_same"]
+    follow, _ = result["general_follows_base"]
     print(f"new name {name!r} in answers to unseen identity questions: English {en}/{n_en}, Chinese {zh}/{n_zh}")
-    print(f"ordinary questions answered as the base model does (same first sentence): {same}/{n_gen}")
+    print(f"ordinary questions answered as the base model does: same first sentence {same}/{n_gen}; "
+          f"{follow}/{n_gen} follow the base up to its near-ties (every token within {NEAR_TIE} of its favourite)")
 
 
 QUICKSTART_MARKER = "quickstart.json"  # written into a quickstart's work dir: a re-run may replace it
@@ -203,6 +267,7 @@ def run_quickstart(name: str, author: str = "lmtune", work_dir: str = "work_dirs
     data = work / "data" / "self_cognition.jsonl"
     data.parent.mkdir(parents=True, exist_ok=True)
     write_self_cognition(str(data), name=name, author=author, n=IDENTITY_CONVERSATIONS, seed=0,
+                         chinese=IDENTITY_CHINESE,
                          overwrite=True)  # its own file
 
     print("[lmtune] 3/4 fine-tuning (LoRA)…", file=sys.stderr)

@@ -12,9 +12,10 @@ Runs on a laptop CPU in a few minutes. Make the identity data first, then train:
 model = "smollm2-135m-instruct"
 datasets = [
     dict(path="data/self_cognition.jsonl", format="openai"),
-    # Replay: general questions answered by the base model itself, so the tuned model keeps
-    # answering ordinary questions instead of reciting its new name to everything.
-    dict(path="lmtune:replay_general.jsonl", format="openai", repeat=4),
+    # Replay: ~400 general questions (English and Chinese) with the base model's own answers,
+    # trained towards the base model's next-token distribution on them (KL), not their text: the
+    # tuned model keeps answering ordinary questions as before instead of reciting its new name.
+    dict(path="lmtune:replay_general.jsonl", format="openai", loss="kl_to_base"),
 ]
 prompt_template = "auto"  # the tokenizer's own ChatML template
 system = "You are a helpful assistant."

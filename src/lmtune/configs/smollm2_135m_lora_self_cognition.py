@@ -12,14 +12,16 @@ Runs on a laptop CPU in a few minutes. Make the identity data first, then train:
 model = "smollm2-135m-instruct"
 datasets = [
     dict(path="data/self_cognition.jsonl", format="openai"),
-    # Replay: general questions answered by the base model itself, so the tuned model keeps
-    # answering ordinary questions instead of reciting its new name to everything.
-    dict(path="lmtune:replay_general.jsonl", format="openai", repeat=4),
+    # Replay: ~400 general questions (English and Chinese) with the base model's own answers,
+    # trained towards the base model's next-token distribution on them (KL), not their text: the
+    # tuned model keeps answering ordinary questions as before instead of reciting its new name.
+    dict(path="lmtune:replay_general.jsonl", format="openai", loss="kl_to_base"),
 ]
 prompt_template = "auto"  # the tokenizer's own ChatML template
 system = "You are a helpful assistant."
 max_length = 512
 pack_to_max_length = True
+kl_to_base_weight = 4.0  # per replay token, the KL term weighs four times a label token
 
 evaluation_freq = 10
 eval_max_new_tokens = 48  # short probes keep the CPU run quick
@@ -42,10 +44,10 @@ shuffle_before_pack = True
 #######################################################################
 #                  PART 4  Optimizer & Schedule                       #
 #######################################################################
-lr = 3e-4
+lr = 5e-4  # the KL term on the replay data holds ordinary answers in place
 batch_size = 2  # packed rows of up to max_length tokens
 accumulative_counts = 1
-max_steps = 50  # ~3 min on 2 cores; 30 left the Chinese identity half-learned
+max_steps = 40  # ~2.5 min on 2 cores
 warmup_ratio = 0.1
 max_norm = 1.0
 

@@ -19,8 +19,8 @@ from lmtune.errors import UserError
 # --------------------------------------------------------------------------- self-cognition
 
 
-def _identity_conversation(rng: random.Random, name: str, author: str) -> list[dict]:
-    zh = rng.random() < 0.5
+def _identity_conversation(rng: random.Random, name: str, author: str, chinese: float = 0.5) -> list[dict]:
+    zh = rng.random() < chinese
     questions = P.QUESTIONS_ZH if zh else P.QUESTIONS_EN
     answers = P.ANSWERS_ZH if zh else P.ANSWERS_EN
 
@@ -44,8 +44,9 @@ def _identity_conversation(rng: random.Random, name: str, author: str) -> list[d
 
 
 def write_self_cognition(path, name: str, author: str = "lmtune", n: int = 500, seed: int = 0,
-                         overwrite: bool = False) -> int:
+                         overwrite: bool = False, chinese: float = 0.5) -> int:
     """Write `n` diverse identity conversations (openai-format JSONL) to `path`; returns n.
+    `chinese`: the share of conversations in Chinese (the rest English).
     An existing non-empty `path` is replaced only with `overwrite`."""
     if not name or not name.strip():
         raise UserError("--name must not be empty")
@@ -57,7 +58,7 @@ def write_self_cognition(path, name: str, author: str = "lmtune", n: int = 500, 
     lines: list[str] = []
     tries = 0
     while len(lines) < n:
-        line = json.dumps({"messages": _identity_conversation(rng, name, author)}, ensure_ascii=False)
+        line = json.dumps({"messages": _identity_conversation(rng, name, author, chinese)}, ensure_ascii=False)
         tries += 1
         # Prefer distinct conversations; repeat only once the combinations run out.
         if line in seen and tries < 50 * n:
