@@ -46,6 +46,14 @@ def test_self_cognition_is_diverse(tmp_path):
                                                and (tmp_path / "b.jsonl").read_text(encoding="utf-8"))
 
 
+@pytest.mark.parametrize("chinese", [0.0, 0.4, 1.0])
+def test_self_cognition_language_share(tmp_path, chinese):
+    out = tmp_path / "sc.jsonl"
+    write_self_cognition(out, name="Ada", author="ACME", n=400, seed=2, chinese=chinese)
+    zh = sum(any("\u4e00" <= ch <= "\u9fff" for ch in c.messages[-1].content) for c in read_conversations(out, "openai"))
+    assert abs(zh / 400 - chinese) <= 0.08  # a binomial draw of 400: 4 standard deviations at most
+
+
 def test_self_cognition_cli(tmp_path, capsys):
     out = tmp_path / "x.jsonl"
     assert main(["data", "self-cognition", "--name", "Ada", "--n", "20", "-o", str(out)]) == 0
