@@ -230,3 +230,71 @@ def test_packed_equals_unpacked_with_the_fast_path(liger, tmp_path):
     errs = {n: rel(gf[n], gp[n]) for n in gp}
     worst = max(errs, key=errs.get)
     assert errs[worst] < 5e-2, (worst, errs[worst])
+
+
+def test_kl_to_base_through_the_fast_path_equals_per_sample_reference():
+    """A packed batch with samples marked kl_to_base, through varlen attention with the fused loss
+    head installed and LoRA: the objective's loss (CE + weight × KL to the adapter-off base) and
+    its LoRA gradients equal the samples one by one through SDPA, computed directly."""
+    import torch.nn.functional as F
+    from peft import LoraConfig, get_peft_model
+
+    from lmtune.train.batch import IGNORE
+    from lmtune.train.fast_path import FastPath
+    from lmtune.train.objectives.base import Forward
+    from lmtune.train.objectives.next_token import NextToken
+
+    attn.register()
+    base = _tiny_llama()
+    plain = get_peft_model(copy.deepcopy(base), LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                           init_lora_weights=False))
+    fast_base = copy.deepcopy(base)
+    fast_base.set_attn_implementation(attn.VARLEN)
+    fast = get_peft_model(fast_base, LoraConfig(r=8, lora_alpha=16, target_modules="all-linear",
+                                                init_lora_weights=False))
+    fast.load_state_dict(plain.state_dict())
+    fp = FastPath(attention=attn.VARLEN, loss="chunked", loss_head=LossHead(fast.get_output_embeddings()))
+    samples = _rows(6, 1000, seed=5)
+    flags = [i % 2 == 0 for i in range(6)]
+    packed = {"input_ids": [t for r in samples for t in r["input_ids"]],
+              "labels": [t for r in samples for t in r["labels"]],
+              "position_ids": [p for r in samples for p in range(len(r["input_ids"]))],
+              "seq_lens": [len(r["input_ids"]) for r in samples], "kl_to_base": flags}
+    obj = NextToken("sft", kl_to_base_weight=3.0)
+    obj.adapter_model = fast
+    batch = obj.make_batch([packed])
+    batch = {k: ({a: (b.to(DEV) if torch.is_tensor(b) else b) for a, b in v.items()} if isinstance(v, dict)
+                 else v.to(DEV) if torch.is_tensor(v) else v) for k, v in batch.items()}
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        s_fast, metrics = obj.loss(fast, batch, Forward(fast=fp))
+    s_fast.backward()
+
+    plain.base_model.model.set_attn_implementation("sdpa")
+    s_ref = 0.0
+    kl_ref = 0.0
+    for row, flag in zip(samples, flags):
+        ids = torch.tensor([row["input_ids"]], device=DEV)
+        labels = torch.tensor(row["labels"], device=DEV)
+        labels[0] = IGNORE
+        pos = (labels[1:] != IGNORE).nonzero(as_tuple=True)[0]
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            lq = F.log_softmax(plain(input_ids=ids).logits[0, pos].float(), -1)
+            if flag:
+                with torch.no_grad(), plain.disable_adapter():
+                    lp = F.log_softmax(plain(input_ids=ids).logits[0, pos].float(), -1)
+        if flag:
+            term = (lp.exp() * (lp - lq)).sum()
+            kl_ref += float(term)
+            term = 3.0 * term
+        else:
+            term = F.nll_loss(lq, labels[1:][pos], reduction="sum")
+        term.backward()
+        s_ref += float(term)
+    assert kl_ref > 0
+    assert float(metrics["kl_to_base"]) == pytest.approx(kl_ref, rel=2e-2)
+    assert float(s_fast) == pytest.approx(s_ref, rel=5e-3)
+    gf = {n: p.grad for n, p in fast.named_parameters() if p.requires_grad}
+    gp = {n: p.grad for n, p in plain.named_parameters() if p.requires_grad}
+    errs = {n: rel(gf[n], gp[n]) for n in gp}
+    worst = max(errs, key=errs.get)
+    assert errs[worst] < 5e-2, (worst, errs[worst])
