@@ -179,3 +179,14 @@ def test_bad_settings_are_clear_errors(tmp_path, change, message):
     path.write_text("\n".join(f"{k} = {v!r}" for k, v in dict(model="m", **change).items()) + "\n")
     with pytest.raises(UserError, match=message):
         load_config(str(path))
+
+
+def test_data_check_names_the_sources_trained_towards_the_base(tmp_path, tiny_model_dir, capsys):
+    from lmtune.data.tools import check_command
+
+    cfg = make_cfg(tmp_path, tiny_model_dir)
+    assert check_command(cfg) == 0
+    lines = capsys.readouterr().out.splitlines()
+    keep = next(x for x in lines if "keep.jsonl" in x and "read" in x)
+    learn = next(x for x in lines if "learn.jsonl" in x and "read" in x)
+    assert "kl_to_base" in keep and "kl_to_base" not in learn

@@ -441,7 +441,8 @@ def _mix(cfg, train: Sources, val: Sources, factors: list, store_keys: list, inf
     stats = statistics(train, order, samples)
     stats["rows"] = int(len(offsets) - 1)
     used_by = dict(zip(kept, used))
-    stats["sources"] = {path: {"read": read, "used": used_by.get(i, 0), "repeat": factors[i], "errors": n_err}
+    stats["sources"] = {path: {"read": read, "used": used_by.get(i, 0), "repeat": factors[i], "errors": n_err,
+                               "loss": cfg.datasets[i].get("loss", "labels")}
                         for i, path, read, n_err, _ in info}
     splits = {"train": (offsets, row_samples, order)}
     # Validation: the held-out conversations and every val_datasets conversation, once each, in

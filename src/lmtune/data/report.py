@@ -28,7 +28,8 @@ def print_sources_and_problems(sources: dict, errors: list, read_noun: str) -> N
     print("sources:")
     for path, s in sources.items():
         bad = f", {s['errors']} bad record(s)" if s["errors"] else ""
-        print(f"  {path}: {s['read']} {read_noun} read, {s['used']} used (repeat {s['repeat']:g}){bad}")
+        towards = ", trained towards the base model (loss kl_to_base)" if s.get("loss") == "kl_to_base" else ""
+        print(f"  {path}: {s['read']} {read_noun} read, {s['used']} used (repeat {s['repeat']:g}){towards}{bad}")
     if errors:
         print(f"problems ({len(errors)}):")
         for e in errors[:20]:
