@@ -65,7 +65,7 @@ class Config:
     # dpo / kto: the reference's log-probabilities computed once before training and cached beside
     # the data cache (no reference forward during training, no second model in memory).
     precompute_reference: bool = False
-    # Weight of the KL term on data sources marked loss = "kl_to_base" (see docs/workflow.md).
+    # Weight of the KL term on data sources marked loss = "kl_to_base" (see docs/data.md).
     kl_to_base_weight: float = 1.0
     quantization: Literal["none", "nf4", "int8"] = "none"
     lora_r: int = 16
