@@ -174,13 +174,16 @@ def test_cli_export_then_chat_with_the_file(tiny_untied, tmp_path):
 
 
 @pytest.mark.slow
-def test_q8_0_of_the_embedded_model_keeps_its_greedy_answers(tmp_path):
+def test_q8_0_of_the_embedded_model_keeps_its_greedy_answers(tmp_path, monkeypatch):
     """q8_0 rounds each weight to 1/254 of its block's largest: greedy answers stay the same except
     where two tokens are nearly tied. Checked two ways on the real 135M chat model."""
     from lmtune.serve.engine import Engine
 
     out = export_gguf("smollm2-135m-instruct", str(tmp_path / "smol-q8.gguf"), outtype="q8_0")
     src = Engine.load("smollm2-135m-instruct")
+    # The q8 file's conversion goes to a cache of this test's own, not the machine's (a new
+    # temporary path would leave another 0.5 GB model there on every run).
+    monkeypatch.setenv("LMTUNE_CACHE_DIR", str(tmp_path / "cache"))
     q8 = Engine.load(str(out))
     prompts = ["What is the capital of France?", "What is 2+2?", "Name a large animal.", "Say hello."]
     answers = [(src.generate([{"role": "user", "content": p}], max_new_tokens=24).text,
