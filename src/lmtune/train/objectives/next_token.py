@@ -147,12 +147,9 @@ class NextToken(Objective):
         return batch
 
     def loss(self, model, batch: dict, forward: Forward):
-        if self.kl_weight is None:
+        if "kl_batch" not in batch:  # nothing here trains towards the base: the plain (fused) path
             s, _ = loss_sum(model, batch, forward=forward)
-            return s, {}
-        if "kl_batch" not in batch:
-            s, _ = loss_sum(model, batch, forward=forward)
-            return s, {"kl_to_base": s.detach().new_zeros(())}
+            return s, ({} if self.kl_weight is None else {"kl_to_base": s.detach().new_zeros(())})
         keep, sel = batch["loss_index"], batch["kl_sel"]
         targets = batch["labels"][0, 1:][keep]
         logits = forward(model, batch, logits_to_keep=keep).logits[0]  # no fused head: the KL needs them
