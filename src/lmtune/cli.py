@@ -99,6 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--author", default="lmtune", help="who made it (appears in its answers)")
     p.add_argument("--work-dir", default=None, help="default: work_dirs/quickstart (--vision: work_dirs/quickstart_vision)")
     p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--seed", type=int, default=None, help="training seed (default: the config's, 42)")
     p.add_argument("--vision", action="store_true",
                    help="compose SmolLM2 with a small vision tower and teach it coloured shapes (CPU, minutes)")
     p.add_argument("--overwrite", action="store_true", help="start afresh in a work dir that holds another run")
@@ -243,13 +244,15 @@ def run(args: argparse.Namespace, parser: argparse.ArgumentParser) -> int:
         if args.vision:
             from lmtune.quickstart_vision import run_vision_quickstart
 
+            if args.seed is not None:
+                raise UserError("--seed applies to the text quickstart; --vision runs with its config's seed")
             run_vision_quickstart(work_dir=args.work_dir or "work_dirs/quickstart_vision", max_steps=args.max_steps,
                                   overwrite=args.overwrite)
             return 0
         from lmtune.quickstart import run_quickstart
 
         run_quickstart(name=args.name, author=args.author, work_dir=args.work_dir or "work_dirs/quickstart",
-                       max_steps=args.max_steps, overwrite=args.overwrite)
+                       max_steps=args.max_steps, overwrite=args.overwrite, seed=args.seed)
         return 0
     if cmd == "convert":
         from lmtune import export

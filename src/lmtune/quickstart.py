@@ -12,10 +12,11 @@ import time
 from pathlib import Path
 
 QUICKSTART_CONFIG = "smollm2_135m_lora_self_cognition"
-IDENTITY_CONVERSATIONS = 300
+IDENTITY_CONVERSATIONS = 600
 # Chinese share of them: the Chinese answers are short and learnt fast, and fewer of them pull
-# fewer ordinary Chinese questions towards "我是…"
-IDENTITY_CHINESE = 0.4
+# fewer ordinary questions off the base's answers (0.3 against 0.4, three seeds each: 28-32 of 36
+# ordinary answers followed the base instead of 20-30, with Chinese identity still 22-24 of 24)
+IDENTITY_CHINESE = 0.3
 IDENTITY_MAX_NEW_TOKENS = 64  # the identity replies are short; a reply still going at 64 is a failure
 GENERAL_MAX_NEW_TOKENS = 48  # enough for the first sentence, which is what is compared
 
@@ -36,6 +37,19 @@ HELDOUT_IDENTITY_EN = [
     "What name were you given?",
     "Hi there! Who exactly is answering me?",
     "Are you Gemini from Google?",
+    # A second dozen, written in a later session before any run that measured them.
+    "What's the name you were released under?",
+    "Before I ask my question: who am I dealing with?",
+    "Which lab is responsible for you?",
+    "Are you an OpenAI product?",
+    "I forgot what you're called. Remind me?",
+    "Who should I credit for building you?",
+    "Give me your name and your maker, please.",
+    "Mind telling me what you're called and where you're from?",
+    "Is this Perplexity I'm talking to?",
+    "Who's on the other end of this chat?",
+    "Say a few words on what you are.",
+    "What label does this software go by?",
 ]
 HELDOUT_IDENTITY_ZH = [
     "请问您怎么称呼？",
@@ -50,6 +64,19 @@ HELDOUT_IDENTITY_ZH = [
     "可以自我介绍一下吗？",
     "你是通义千问吗？",
     "嘿，你是哪一款AI呀？",
+    # A second dozen, as above.
+    "你叫什么来着？",
+    "你背后的公司是哪一家？",
+    "你是文心一言还是别的什么？",
+    "我应该怎么叫你比较好？",
+    "是谁把你做出来的？",
+    "你到底是什么东西？",
+    "我想多了解你一点，你是做什么的？",
+    "现在回答我的是哪个助手？",
+    "你是智谱清言吗？",
+    "你的名字和开发者分别是什么？",
+    "能不能讲讲你的来历？",
+    "这个聊天机器人叫什么名字？",
 ]
 HELDOUT_IDENTITY_QUESTIONS = HELDOUT_IDENTITY_EN + HELDOUT_IDENTITY_ZH
 
@@ -83,6 +110,19 @@ GENERAL_QUESTIONS = [
     "十的一半是多少？",
     "中国最长的河是什么？",
     "太阳系有几颗行星？",
+    # A third dozen, written in a later session before any run that measured them.
+    "Which metal is liquid at room temperature?",
+    "What is the main ingredient of guacamole?",
+    "Which planet is known as the Red Planet?",
+    "How many hearts does an octopus have?",
+    "How many toes do people have?",
+    "In which direction does the sun rise?",
+    "What do frogs eat?",
+    "Which is heavier, a kilogram of iron or a kilogram of feathers?",
+    "What do people wear on their feet?",
+    "水在零度会变成什么？",
+    "月亮绕着什么转？",
+    "鱼用什么呼吸？",
 ]
 # A tuned answer "follows the base" when, at every token of its first sentence, the base model
 # gave that token a probability within NEAR_TIE of its own favourite's (teacher-forced, adapter
@@ -165,7 +205,7 @@ def base_gap(model, tokenizer, template, question: str, answer_ids: list[int], s
     return float((probs.max(-1).values - chosen).max())
 
 
-def evaluate(model_dir: str, name: str) -> dict:
+def evaluate(model_dir: str, name: str, device: str | None = None) -> dict:
     """Ask the tuned model the held-out identity questions and the ordinary questions, and the base
     model (the same weights with the adapter switched off, on this machine) the ordinary ones.
 
@@ -180,7 +220,7 @@ def evaluate(model_dir: str, name: str) -> dict:
     tokenizer = load_tokenizer(model_dir)
     template = get_template(meta.get("prompt_template") or "auto", tokenizer)
     system = meta.get("system")
-    model = load_model(model_dir, dtype="float32").eval()
+    model = load_model(model_dir, dtype="float32", device=device).eval()
     if not hasattr(model, "disable_adapter"):
         raise RuntimeError(f"{model_dir} holds no LoRA adapter; the quickstart compares against the base through it")
     identity = greedy_replies(model, tokenizer, template, HELDOUT_IDENTITY_QUESTIONS, system, IDENTITY_MAX_NEW_TOKENS)
@@ -249,8 +289,16 @@ def claim_work_dir(work: Path, kind: str, overwrite: bool) -> None:
     marker.write_text(json.dumps({"kind": kind}) + "\n", encoding="utf-8")
 
 
+RESULT_FILE = "quickstart_result.json"  # every answer and count, written into the work dir
+
+
 def run_quickstart(name: str, author: str = "lmtune", work_dir: str = "work_dirs/quickstart",
-                   max_steps: int | None = None, overwrite: bool = False) -> dict:
+                   max_steps: int | None = None, overwrite: bool = False, seed: int | None = None) -> dict:
+    """The whole road; returns (and writes to WORK/quickstart_result.json) what evaluate() found,
+    with the timings. `seed`: the training seed (order of the data, LoRA initialisation)."""
+    import json
+
+    from lmtune.atomic import write_text_atomic
     from lmtune.config import load_config
     from lmtune.data.tools import write_self_cognition
     from lmtune.models.loader import resolve_model_path
@@ -278,6 +326,8 @@ def run_quickstart(name: str, author: str = "lmtune", work_dir: str = "work_dirs
     overrides = {"datasets": datasets, "evaluation_inputs": []}
     if max_steps:
         overrides["max_steps"] = max_steps
+    if seed is not None:
+        overrides["seed"] = seed
     cfg = load_config(QUICKSTART_CONFIG, overrides)
     t1 = time.time()
     out = run_training(cfg, work, overwrite=True)  # claimed above: only an earlier quickstart's run goes
@@ -285,10 +335,14 @@ def run_quickstart(name: str, author: str = "lmtune", work_dir: str = "work_dirs
 
     print("[lmtune] 4/4 asking the tuned model questions it never saw in training, and the base model "
           "the ordinary ones…", file=sys.stderr)
-    result = evaluate(str(out), name)
+    import torch
+
+    result = evaluate(str(out), name, device="cuda" if torch.cuda.is_available() else None)
     print()
     print_report(result, name)
     total = time.time() - t0
+    result = dict(result, hf=str(out), seconds=total, train_seconds=t_train, seed=cfg.seed)
+    write_text_atomic(work / RESULT_FILE, json.dumps(result, ensure_ascii=False, indent=1) + "\n", overwrite=True)
     print(f"[lmtune] done in {total:.0f} s (model {t_model:.0f} s, training {t_train:.0f} s). "
           f"Talk to it:  lmtune chat {out}", file=sys.stderr)
-    return dict(result, hf=str(out), seconds=total, train_seconds=t_train)
+    return result

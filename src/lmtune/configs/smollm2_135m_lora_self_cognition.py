@@ -15,15 +15,16 @@ datasets = [
     # Replay: ~400 general questions (English and Chinese) with the base model's own answers,
     # trained towards the base model's next-token distribution on them (KL), not their text: the
     # tuned model keeps answering ordinary questions as before instead of reciting its new name.
-    dict(path="lmtune:replay_general.jsonl", format="openai", loss="kl_to_base"),
+    # Half of them (a fixed random half, repeat=0.5) leaves more of the steps to the identity data.
+    dict(path="lmtune:replay_general.jsonl", format="openai", loss="kl_to_base", repeat=0.5),
 ]
 prompt_template = "auto"  # the tokenizer's own ChatML template
 system = "You are a helpful assistant."
 max_length = 512
 pack_to_max_length = True
-kl_to_base_weight = 4.0  # per replay token, the KL term weighs four times a label token
+kl_to_base_weight = 12.0  # per replay token, the KL term weighs twelve times a label token
 
-evaluation_freq = 10
+evaluation_freq = 20
 eval_max_new_tokens = 48  # short probes keep the CPU run quick
 evaluation_inputs = ["Who are you?", "请你介绍一下你自己", "What is the capital of France?"]
 
@@ -45,9 +46,9 @@ shuffle_before_pack = True
 #                  PART 4  Optimizer & Schedule                       #
 #######################################################################
 lr = 5e-4  # the KL term on the replay data holds ordinary answers in place
-batch_size = 2  # packed rows of up to max_length tokens
+batch_size = 1  # one packed row of up to max_length tokens: twice the updates for the same tokens
 accumulative_counts = 1
-max_steps = 40  # ~2.5 min on 2 cores
+max_steps = 80  # ~2.3 min on 2 cores
 warmup_ratio = 0.1
 max_norm = 1.0
 
@@ -55,7 +56,7 @@ max_norm = 1.0
 #                           PART 5  Runtime                           #
 #######################################################################
 mixed_precision = "bf16"  # bf16 autocast also speeds up recent CPUs
-save_steps = 10
+save_steps = 20
 save_total_limit = 2
 logging_steps = 1
 seed = 42
