@@ -283,3 +283,12 @@ def test_seed_sweep_script_parses_seeds_and_counts_name_leaks():
                           "train_seconds": 8.6})
     assert row == {"seed": 7, "en": [1, 1], "zh": [0, 0], "same": [1, 2], "follow": [1, 2],
                    "name_in_ordinary": 1, "seconds": 10, "train_seconds": 9}
+
+
+def test_seed_is_refused_for_the_vision_quickstart(tmp_path, capsys):
+    from lmtune.cli import main
+
+    work = tmp_path / "v"
+    assert main(["quickstart", "--vision", "--seed", "3", "--work-dir", str(work)]) == 2
+    assert "--seed applies to the text quickstart" in capsys.readouterr().err
+    assert not work.exists()
