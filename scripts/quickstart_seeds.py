@@ -83,7 +83,7 @@ def main() -> int:
     rows.sort(key=lambda r: r["seed"])
     (out / "summary.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows), encoding="utf-8")
     cols = ("en", "zh", "same", "follow")
-    print(f"\n| seed | English | Chinese | same first sentence | follows the base | name in ordinary | s |")
+    print("\n| seed | English | Chinese | same first sentence | follows the base | name in ordinary | s |")
     print("|---|---|---|---|---|---|---|")
     for r in rows:
         cells = " | ".join(f"{r[c][0]}/{r[c][1]}" for c in cols)

@@ -6,6 +6,7 @@ ask the tuned model identity and ordinary questions it never saw in training.
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import time
@@ -211,8 +212,6 @@ def evaluate(model_dir: str, name: str, device: str | None = None) -> dict:
 
     identity: per language, how many answers carry `name`; general: how many of the tuned model's
     answers have the same first sentence as the base model's (see first_sentence)."""
-    import json
-
     from lmtune.data.templates import get_template
     from lmtune.models.loader import load_model, load_tokenizer
 
@@ -274,8 +273,6 @@ def claim_work_dir(work: Path, kind: str, overwrite: bool) -> None:
 
     A work dir an earlier quickstart of the same kind made is replaced (the command is meant to be
     run again); any other non-empty folder is refused unless --overwrite, before anything is written."""
-    import json
-
     from lmtune.errors import UserError
 
     marker = work / QUICKSTART_MARKER
@@ -296,8 +293,6 @@ def run_quickstart(name: str, author: str = "lmtune", work_dir: str = "work_dirs
                    max_steps: int | None = None, overwrite: bool = False, seed: int | None = None) -> dict:
     """The whole road; returns (and writes to WORK/quickstart_result.json) what evaluate() found,
     with the timings. `seed`: the training seed (order of the data, LoRA initialisation)."""
-    import json
-
     from lmtune.atomic import write_text_atomic
     from lmtune.config import load_config
     from lmtune.data.tools import write_self_cognition
