@@ -32,15 +32,16 @@ from lmtune.quickstart import (
 
 NAME, AUTHOR = "Zorblax", "Acme Labs"
 # Floors the quickstart must hold on any CPU. Another CPU rounds differently, which moves training
-# like another seed, so these sit below the spread of seeds 42 and 1-6 on this project's 2-core CPU
-# (2026-11-24, docs/workflow.md has the table): of 24 unseen identity questions per language,
-# English named in 19-23, Chinese in 22-24; of 36 ordinary questions 22-32 follow the base up to
-# its near-ties, and 0 or 1 carry the new name.
-IDENTITY_SHARE = 2 / 3  # per language (16 of 24)
-GENERAL_FOLLOW_SHARE = 1 / 2  # ordinary answers that follow the base up to its near-ties (18 of 36)
+# like another seed, so these sit below the spread of 39 runs of the recipe (2026-11-24,
+# docs/workflow.md has the table): of 24 unseen identity questions per language, English named in
+# 21-23 and Chinese in 23-24 with seeds 42 and 1-6 on this project's 2-core CPU, 20-24 and 22-24
+# with seeds 1-32 on a GPU; of 36 ordinary questions 27-34 (CPU) and 27-33 (GPU) follow the base
+# up to its near-ties, and at most one carries the new name.
+IDENTITY_SHARE = 3 / 4  # per language (18 of 24)
+GENERAL_FOLLOW_SHARE = 2 / 3  # ordinary answers that follow the base up to its near-ties (24 of 36)
 NAME_IN_ORDINARY_MAX = 2  # ordinary answers allowed to carry the new name (of 36; 0-1 seen per run)
-# Chinese identity answers in Chinese and whole (22 of 24): in seven runs, one answer was English
-# (seed 42: "是谁把你做出来的？" -> "Is that right? …") and one held a broken character (seed 6).
+# Chinese identity answers in Chinese and whole (22 of 24): in seven CPU runs, one answer was
+# English (seed 42: "是谁把你做出来的？" -> "Is that right? …"); an earlier recipe's held a broken character.
 WHOLE_CHINESE_SHARE = 0.9
 STOPPED_SHARE = 0.5  # identity answers that end with their end-of-turn token, per language
 

@@ -48,7 +48,7 @@ shuffle_before_pack = True
 lr = 5e-4  # the KL term on the replay data holds ordinary answers in place
 batch_size = 1  # one packed row of up to max_length tokens: twice the updates for the same tokens
 accumulative_counts = 1
-max_steps = 80  # ~2.3 min on 2 cores
+max_steps = 100  # ~2.8 min on 2 cores (80 steps: 2.3 min, fewer held-out identity answers named)
 warmup_ratio = 0.1
 max_norm = 1.0
 
