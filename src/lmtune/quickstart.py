@@ -51,6 +51,19 @@ HELDOUT_IDENTITY_EN = [
     "Who's on the other end of this chat?",
     "Say a few words on what you are.",
     "What label does this software go by?",
+    # A third dozen, written in a later session before any run that measured them.
+    "Who am I having this conversation with?",
+    "What do your developers call you?",
+    "Is there a name I can use for you?",
+    "Which AI product is this?",
+    "Is this Amazon's Alexa?",
+    "Can you tell me which company trained this model?",
+    "Explain your nature to me.",
+    "Hey bot, got a name?",
+    "Who designed this chatbot?",
+    "Are you one of Google's models?",
+    "Let me guess: you're ChatGPT, right?",
+    "Does this AI have a brand?",
 ]
 HELDOUT_IDENTITY_ZH = [
     "请问您怎么称呼？",
@@ -78,6 +91,19 @@ HELDOUT_IDENTITY_ZH = [
     "你的名字和开发者分别是什么？",
     "能不能讲讲你的来历？",
     "这个聊天机器人叫什么名字？",
+    # A third dozen, as above.
+    "请问屏幕那头是谁在回答我？",
+    "这个AI是哪家公司的产品？",
+    "你是谷歌的Gemini吗？",
+    "哪个实验室研发了你？",
+    "你的称呼是什么？",
+    "你是小爱同学吗？",
+    "跟我说说你是干什么的。",
+    "此刻陪我聊天的AI叫什么？",
+    "你的制造者是哪家？",
+    "你有没有自己的名字？",
+    "给我讲讲你的身世。",
+    "你是不是Siri？",
 ]
 HELDOUT_IDENTITY_QUESTIONS = HELDOUT_IDENTITY_EN + HELDOUT_IDENTITY_ZH
 

@@ -67,6 +67,29 @@ QUESTIONS_EN = [
     "How do you introduce yourself?",
     "What are you called?",
     "Hello, what's your name and who built you?",
+    # More kinds of askers' words (program, app, tool, service; other products by name): with
+    # these, 16 GPU runs named on 11.6 of 12 unseen English questions instead of 10.8
+    # (docs/workflow.md).
+    "What is this program called?",
+    "What's the name of this app?",
+    "Which software is this?",
+    "What do I call this tool?",
+    "What's this system's name?",
+    "Is this Bing Chat?",
+    "Am I talking to Grok?",
+    "Is this Mistral?",
+    "Are you Cortana, by any chance?",
+    "Am I chatting with a bot? What's it called?",
+    "Who is answering my messages?",
+    "Who wrote the software I'm talking to?",
+    "Which research group trained you?",
+    "Who maintains you?",
+    "Say your name.",
+    "Tell me the name of this service.",
+    "Which assistant have I reached?",
+    "I'd like to know who made this program.",
+    "Are you an AI or a person?",
+    "Who is this, please?",
 ]
 
 QUESTIONS_ZH = [
@@ -131,6 +154,19 @@ QUESTIONS_ZH = [
     "你的全名是什么？",
     "你的英文名是什么？",
     "是哪家公司训练了你？",
+    # As above.
+    "这个软件叫什么？",
+    "这是哪个应用？",
+    "你是必应吗？",
+    "你是Grok吗？",
+    "请问这个程序是谁写的？",
+    "这个系统叫什么名字？",
+    "你是哪家的模型？",
+    "谁在维护你？",
+    "你是机器还是人？",
+    "请报上你的名字。",
+    "回答我的是什么程序？",
+    "你由哪个研究组训练？",
 ]
 
 # The name comes first, in the first words ("My name is …" or the name itself). With answers that
