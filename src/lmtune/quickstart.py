@@ -51,7 +51,8 @@ HELDOUT_IDENTITY_EN = [
     "Who's on the other end of this chat?",
     "Say a few words on what you are.",
     "What label does this software go by?",
-    # A third dozen, written in a later session before any run that measured them.
+    # A third dozen, written in a later session before any run that measured them (then used to
+    # judge the wider training phrasings, docs/workflow.md).
     "Who am I having this conversation with?",
     "What do your developers call you?",
     "Is there a name I can use for you?",
@@ -137,7 +138,8 @@ GENERAL_QUESTIONS = [
     "十的一半是多少？",
     "中国最长的河是什么？",
     "太阳系有几颗行星？",
-    # A third dozen, written in a later session before any run that measured them.
+    # A third dozen, written in a later session before any run that measured them (then used to
+    # judge the wider training phrasings, docs/workflow.md).
     "Which metal is liquid at room temperature?",
     "What is the main ingredient of guacamole?",
     "Which planet is known as the Red Planet?",

@@ -68,8 +68,8 @@ QUESTIONS_EN = [
     "What are you called?",
     "Hello, what's your name and who built you?",
     # More kinds of askers' words (program, app, tool, service; other products by name): with
-    # these, 16 GPU runs named on 11.6 of 12 unseen English questions instead of 10.8
-    # (docs/workflow.md).
+    # these, the tuned model named itself on 11.6 of 12 unseen English questions instead of
+    # 10.8 (mean of 16 GPU runs each, docs/workflow.md).
     "What is this program called?",
     "What's the name of this app?",
     "Which software is this?",
