@@ -138,8 +138,7 @@ GENERAL_QUESTIONS = [
     "十的一半是多少？",
     "中国最长的河是什么？",
     "太阳系有几颗行星？",
-    # A third dozen, written in a later session before any run that measured them (then used to
-    # judge the wider training phrasings, docs/workflow.md).
+    # A third dozen, written in a later session before any run that measured them.
     "Which metal is liquid at room temperature?",
     "What is the main ingredient of guacamole?",
     "Which planet is known as the Red Planet?",
