@@ -1,6 +1,6 @@
 """End to end on the embedded model: the quickstart teaches SmolLM2-135M a new identity.
 
-The slow tests (one quickstart run, about 3 minutes on 2 CPU cores, shared by all of them) are part
+The slow tests (one quickstart run, about 3½ minutes on 2 CPU cores, shared by all of them) are part
 of CI: it is the main job the project exists for. What they hold the tuned model to:
 - its new name in most held-out identity questions, in English and in Chinese separately;
 - answers to ordinary questions without the name, compared with the base model's own answers

@@ -238,7 +238,8 @@ def evaluate(model_dir: str, name: str, device: str | None = None) -> dict:
     model (the same weights with the adapter switched off, on this machine) the ordinary ones.
 
     identity: per language, how many answers carry `name`; general: how many of the tuned model's
-    answers have the same first sentence as the base model's (see first_sentence)."""
+    answers have the same first sentence as the base model's (see first_sentence), and how many
+    follow the base up to its near-ties (see base_gap). `device`: where to run (default: the CPU)."""
     from lmtune.data.templates import get_template
     from lmtune.models.loader import load_model, load_tokenizer
 
@@ -357,9 +358,9 @@ def run_quickstart(name: str, author: str = "lmtune", work_dir: str = "work_dirs
 
     print("[lmtune] 4/4 asking the tuned model questions it never saw in training, and the base model "
           "the ordinary ones…", file=sys.stderr)
-    import torch
+    from lmtune.train.runtime import pick_device
 
-    result = evaluate(str(out), name, device="cuda" if torch.cuda.is_available() else None)
+    result = evaluate(str(out), name, device=str(pick_device("auto")))
     print()
     print_report(result, name)
     total = time.time() - t0
