@@ -1,6 +1,7 @@
 """Sources marked loss = "kl_to_base": their samples train towards the base model's own next-token
-distribution. The batch picks exactly their loss positions; the step's loss equals cross-entropy
-on the other samples plus the weighted KL(base ‖ model) on theirs, computed separately in float64;
+distribution. The batch picks every position of theirs (prompt and answer) and only the label
+positions of the others; the step's loss equals cross-entropy on the other samples plus the
+weighted KL(base ‖ model) on theirs, computed separately in float64;
 the base model is the adapter switched off (LoRA) or a frozen copy (full); the marks reach the
 rows from the config and change the data fingerprint; bad settings are clear errors."""
 
@@ -20,7 +21,7 @@ from lmtune.errors import UserError
 from lmtune.train.batch import IGNORE, flat_batch
 from lmtune.train.loop import Trainer, run_training
 from lmtune.train.objectives import make_objective
-from lmtune.train.objectives.next_token import kl_to_base_batch
+from lmtune.train.objectives.next_token import kl_to_base_batch, with_kl_positions
 
 LEARN = [{"messages": [{"role": "user", "content": f"Who made you, {i}?"},
                        {"role": "assistant", "content": f"Acme made me, friend number {i}."}]} for i in range(12)]
@@ -52,27 +53,37 @@ def _rows(cfg, tokenizer):
     return build_dataset(cfg, tokenizer, get_template("auto", tokenizer), use_cache=False).rows
 
 
-def test_rows_mark_the_kl_samples_and_the_batch_picks_their_loss_positions(tmp_path, tiny_model_dir, smol_tokenizer):
+def test_rows_mark_the_kl_samples_and_the_batch_picks_all_their_positions(tmp_path, tiny_model_dir, smol_tokenizer):
     cfg = make_cfg(tmp_path, tiny_model_dir)
     rows = list(_rows(cfg, smol_tokenizer))
-    keep_answers = {m["messages"][1]["content"] for m in KEEP}
     marked = [f for r in rows for f in r.get("kl_to_base", [False] * len(r["seq_lens"]))]
     assert sum(marked) == len(KEEP) and len(marked) == len(KEEP) + len(LEARN)
     mixed = next(r for r in rows if 0 < sum(r.get("kl_to_base", [])) < len(r["seq_lens"]))  # both kinds in one row
     rows = [mixed] + [r for r in rows if r is not mixed][:2]
-    batch = flat_batch(rows)
-    extra = kl_to_base_batch(rows, batch)
+    labelled = flat_batch(rows)  # before: the label positions only
+    widened = with_kl_positions(rows)
+    assert [r["labels"] for r in rows] != [r["labels"] for r in widened]
+    assert all(r["input_ids"] is w["input_ids"] for r, w in zip(rows, widened))  # only the labels change
+    batch = flat_batch(widened)
+    extra = kl_to_base_batch(widened, batch)
     sel, kl_batch = extra["kl_sel"], extra["kl_batch"]
     targets = batch["labels"][0, 1:][batch["loss_index"]]
     kl_targets = kl_batch["labels"][0, 1:][kl_batch["loss_index"]]
     assert torch.equal(targets[sel], kl_targets)  # the same tokens, in the same order
-    # The marked positions decode to the KEEP answers, the others to the LEARN answers.
+    # Every marked sample's tokens after its first are KL positions; the others keep their labels.
+    n_marked = sum(n - 1 for r in rows for n, f in zip(r["seq_lens"], r.get("kl_to_base", [False] * 99)) if f)
+    assert int(sel.sum()) == n_marked
+    learn_pos = labelled["loss_index"][~torch.isin(labelled["loss_index"], batch["loss_index"][sel])]
+    assert torch.equal(batch["loss_index"][~sel], learn_pos)
+    # The marked positions decode to whole KEEP conversations, the others to LEARN answers only.
     ids = batch["input_ids"][0, 1:][batch["loss_index"]]
     kept = smol_tokenizer.decode(ids[sel])
     learnt = smol_tokenizer.decode(ids[~sel])
-    present = [a for a in keep_answers if a in smol_tokenizer.decode(batch["input_ids"][0])]
-    assert present and all(a in kept for a in present)
-    assert "Acme" in learnt and "Acme" not in kept and "It is" not in learnt
+    text = smol_tokenizer.decode(batch["input_ids"][0])
+    present = [m for m in KEEP if m["messages"][1]["content"] in text]
+    assert present and all(m["messages"][0]["content"] in kept and m["messages"][1]["content"] in kept
+                           for m in present)
+    assert "Acme" in learnt and "Acme" not in kept and "It is" not in learnt and "Who made you" not in learnt
 
 
 def _perturb_lora(model, seed=0):
@@ -116,11 +127,13 @@ def test_step_loss_is_ce_plus_weighted_kl_to_the_base_in_float64(tmp_path, tiny_
             ids = torch.tensor([row["input_ids"][start:start + n]])
             labels = torch.tensor(row["labels"][start:start + n])
             labels[0] = IGNORE
-            pos = (labels[1:] != IGNORE).nonzero(as_tuple=True)[0]
+            marked = row.get("kl_to_base", [False] * len(lens))[k]
+            # A marked sample: KL at every position (each predicts the next token); else the labels'.
+            pos = torch.arange(n - 1) if marked else (labels[1:] != IGNORE).nonzero(as_tuple=True)[0]
             with torch.no_grad():
                 lq = F.log_softmax(model(input_ids=ids).logits[0, pos].double(), -1)
                 lp = F.log_softmax(base(input_ids=ids).logits[0, pos].double(), -1)
-            if row.get("kl_to_base", [False] * len(lens))[k]:
+            if marked:
                 kl = kl + (lp.exp() * (lp - lq)).sum()
             else:
                 ce = ce + F.nll_loss(lq, labels[1:][pos], reduction="sum")

@@ -280,7 +280,9 @@ def test_kl_to_base_through_the_fast_path_equals_per_sample_reference():
         ids = torch.tensor([row["input_ids"]], device=DEV)
         labels = torch.tensor(row["labels"], device=DEV)
         labels[0] = IGNORE
-        pos = (labels[1:] != IGNORE).nonzero(as_tuple=True)[0]
+        # A marked sample: KL at every position (prompt too); else cross-entropy at its labels.
+        pos = (torch.arange(len(row["input_ids"]) - 1, device=DEV) if flag
+               else (labels[1:] != IGNORE).nonzero(as_tuple=True)[0])
         with torch.autocast("cuda", dtype=torch.bfloat16):
             lq = F.log_softmax(plain(input_ids=ids).logits[0, pos].float(), -1)
             if flag:

@@ -5,10 +5,15 @@ decides which (assistant turns for SFT, every token for pretraining). Logits are
 the positions that carry loss, never for the whole sequence × vocabulary.
 
 Samples from a source marked `loss = "kl_to_base"` are trained towards the base model's own
-next-token distribution instead of their labels: KL(base ‖ model) at each of their loss positions,
-times `kl_to_base_weight`, in the same sum (so the step's loss stays a mean over all loss tokens).
-The base model is the policy with its LoRA adapter switched off, or a frozen copy for full
-fine-tuning; only those samples are run through it, without gradients.
+next-token distribution instead of their labels: KL(base ‖ model) at every position of the sample
+(system prompt, question and template tokens as well as the answer; all but its first token),
+times `kl_to_base_weight`, added to the same sum. The sum is divided, as without such samples, by
+the step's label tokens (`count`), so the KL at the prompt positions comes on top of the answers'.
+Keeping the base's predictions on the prompt too keeps more of how the model reads an ordinary
+question: on the quickstart it kept more held-out ordinary answers on the base than KL at the
+answer tokens alone (docs/workflow.md has the figures). The base model is the policy with
+its LoRA adapter switched off, or a frozen copy for full fine-tuning; only those samples are run
+through it, without gradients.
 """
 
 from __future__ import annotations
@@ -78,10 +83,28 @@ def _sample_lengths(row: dict) -> list[int]:
     return [b - a for a, b in zip(starts[:-1], starts[1:])]
 
 
+def with_kl_positions(rows: list[dict]) -> list[dict]:
+    """The rows, with every token but the first of each sample marked kl_to_base made a loss
+    position (its label the token itself); rows without such samples are returned as they are."""
+    out = []
+    for row in rows:
+        flags = row.get("kl_to_base")
+        if flags and any(flags):
+            labels, ids, start = [int(t) for t in row["labels"]], row["input_ids"], 0
+            for flag, n in zip(flags, _sample_lengths(row)):
+                if flag:
+                    labels[start + 1:start + n] = [int(t) for t in ids[start + 1:start + n]]
+                start += n
+            row = {**row, "labels": labels}
+        out.append(row)
+    return out
+
+
 def kl_to_base_batch(rows: list[dict], batch: dict) -> dict:
     """What the KL term needs beside the flat batch: `kl_batch`, a flat batch of only the samples
     marked kl_to_base (what the base model scores), and `kl_sel`, which of the batch's loss
-    positions are theirs (in the same order as `kl_batch`'s loss positions)."""
+    positions are theirs (in the same order as `kl_batch`'s loss positions). `rows` and `batch`
+    come from `with_kl_positions`, so a marked sample's loss positions are all of its positions."""
     picked, where = [], []  # the marked samples, and each one's offset in the flat batch
     offset = 0
     for row in rows:
@@ -136,9 +159,11 @@ class NextToken(Objective):
             trainer.dist.log("kl_to_base: the base model is a frozen copy of it")
 
     def count(self, rows: list[dict]) -> int:
-        return count_loss_tokens(rows)
+        return count_loss_tokens(rows)  # label tokens only, also for marked samples (see the module's note)
 
     def make_batch(self, rows: list[dict]) -> dict:
+        if self.kl_weight is not None:
+            rows = with_kl_positions(rows)
         batch = flat_batch(rows)
         if self.extra_inputs is not None:
             batch.update(self.extra_inputs(rows, batch))
