@@ -54,7 +54,8 @@ def test_resume_refuses_a_checkpoint_of_another_run(tmp_path, tiny_model_dir, da
     cfg = _cfg_file(tmp_path, tiny_model_dir, data_file)
     assert main(["train", cfg, "--work-dir", str(work)]) == 0
     other = write_jsonl(tmp_path / "other.jsonl", _records(30)[6:])
-    for overrides, key in ((["lora_r=8"], "lora"), ([f"datasets=['{other}']"], "data_fingerprint"),
+    for overrides, key in ((["lora_r=8"], "lora"), (["lora_layers='1:'"], "lora"),
+                           ([f"datasets=['{other}']"], "data_fingerprint"),
                            (["batch_size=1"], "rows_per_step"), (["method=full"], "method")):
         capsys.readouterr()
         assert main(["train", cfg, "--work-dir", str(work), "--resume", "--cfg-options", *overrides]) == 2

@@ -72,6 +72,9 @@ class Config:
     lora_alpha: int = 32
     lora_dropout: float = 0.05
     lora_target_modules: Union[str, list] = "all-linear"
+    # Which transformer layers get LoRA: None (all), a list of layer indices, or a slice "FROM:TO"
+    # ("5:" = all but the first five). Layers below the lowest one then need no backward pass.
+    lora_layers: Union[str, list, None] = None
     torch_dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     trust_remote_code: bool = False
     allow_pickle: bool = False  # load .bin (pickle) weights; off: safetensors only
@@ -297,7 +300,42 @@ def validate(raw: dict, source: str | None = None, lines: dict | None = None) ->
                         "its processes must all run the same number of micro-batches", where=where,
                         hint="remove batch_tokens (micro-batches of batch_size rows), or use strategy 'ddp'")
     _check_objective(cfg, source, lines)
+    if cfg.lora_layers is not None:
+        try:
+            parse_lora_layers(cfg.lora_layers)
+        except ValueError as e:
+            raise UserError(f"config key 'lora_layers': {e}", where=f"{source}:{lines['lora_layers']}"
+                            if source and "lora_layers" in lines else source,
+                            hint='e.g. lora_layers = "4:" (all but the first four) or [0, 1, 2]') from None
     return cfg
+
+
+def parse_lora_layers(spec) -> tuple[int | None, int | None] | list[int]:
+    """`lora_layers` as (start, stop) of a slice, or a list of layer indices; ValueError if neither."""
+    if isinstance(spec, str):
+        m = re.fullmatch(r"\s*(-?\d+)?\s*:\s*(-?\d+)?\s*", spec)
+        if not m:
+            raise ValueError(f"{spec!r} is not a slice 'FROM:TO' of layer indices")
+        return tuple(int(g) if g is not None else None for g in m.groups())
+    if not spec or not all(isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in spec):
+        raise ValueError(f"{spec!r} is not a non-empty list of layer indices (integers >= 0)")
+    return sorted(set(spec))
+
+
+def lora_layer_indices(spec, n_layers: int) -> list[int]:
+    """The layer indices `lora_layers` picks in a model of `n_layers` layers; ValueError if it picks
+    none or names a layer the model does not have."""
+    parsed = parse_lora_layers(spec)
+    if isinstance(parsed, tuple):
+        picked = list(range(n_layers))[slice(*parsed)]
+    else:
+        missing = [i for i in parsed if i >= n_layers]
+        if missing:
+            raise ValueError(f"the model has {n_layers} layers (0-{n_layers - 1}); no layer {missing[0]}")
+        picked = parsed
+    if not picked:
+        raise ValueError(f"{spec!r} picks none of the model's {n_layers} layers")
+    return picked
 
 
 def _check_vision(cfg: Config, source: str | None, lines: dict) -> None:

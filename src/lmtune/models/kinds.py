@@ -13,6 +13,8 @@ becomes tokens (`image_tokens`) and tensors (`vision_inputs`); a causal LM sees 
 
 from __future__ import annotations
 
+import re
+
 import torch
 
 
@@ -42,7 +44,32 @@ class CausalLM:
         )
 
     def lora_targets(self, cfg, model):
-        return cfg.lora_target_modules
+        """`lora_target_modules`, or with `lora_layers` set, the full names of those modules in the
+        picked decoder layers (peft takes no layer choice with a target given as one string)."""
+        if cfg.lora_layers is None:
+            return cfg.lora_target_modules
+        from lmtune.config import lora_layer_indices
+        from lmtune.errors import UserError
+
+        wanted = cfg.lora_target_modules
+        if isinstance(wanted, str) and wanted != "all-linear":
+            raise UserError("with lora_layers, give lora_target_modules as a list of module names or 'all-linear'",
+                            where=cfg._source, hint=f"e.g. lora_target_modules = [{wanted!r}]")
+        short = None if wanted == "all-linear" else set(wanted)
+        layer_of = {}
+        for name, module in model.named_modules():
+            found = re.search(r"\.layers\.(\d+)\.", name)
+            if found and isinstance(module, torch.nn.Linear) and (short is None or name.rsplit(".", 1)[-1] in short):
+                layer_of[name] = int(found.group(1))
+        n = getattr(model.config, "num_hidden_layers", None)
+        if not layer_of or not isinstance(n, int):
+            raise UserError(f"lora_layers is set, but {cfg.model} has no numbered decoder layers ('.layers.N.') "
+                            "with those modules", where=cfg._source, hint="remove lora_layers (LoRA on every layer)")
+        try:
+            picked = set(lora_layer_indices(cfg.lora_layers, n))
+        except ValueError as e:
+            raise UserError(f"config key 'lora_layers': {e}", where=cfg._source) from None
+        return sorted(name for name, layer in layer_of.items() if layer in picked)
 
     def add_lora(self, model, cfg, custom_modules: dict | None = None):
         """The model wrapped by peft with the config's LoRA (on `lora_targets`); `custom_modules`

@@ -445,6 +445,9 @@ class VisionLanguage:
         modules_to_save; `custom_modules`: the fast path's fused LoRA layers (as for a causal LM)."""
         from peft import LoraConfig, get_peft_model
 
+        if cfg.lora_layers is not None:
+            raise UserError("lora_layers applies to text models; a vision-language model takes LoRA on every "
+                            "layer of the parts it trains by LoRA", where=cfg._source, hint="remove lora_layers")
         self.model = model
         self.freeze(model, cfg)  # also after QLoRA preparation froze everything
         targets = self.lora_targets(cfg, model)

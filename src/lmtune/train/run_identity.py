@@ -21,7 +21,7 @@ MUST_MATCH = {
     "method": "resume with the method (full / lora) the checkpoint was trained with",
     "objective": "resume with the objective the checkpoint was trained with",
     "quantization": "resume with the quantization the checkpoint was trained with",
-    "lora": "resume with the same lora_r / lora_alpha / lora_target_modules",
+    "lora": "resume with the same lora_r / lora_alpha / lora_target_modules / lora_layers",
     "data_fingerprint": "the training data (files, format, template, max_length, packing) changed; "
                         "resume with the data it was trained on, or start a new run in another --work-dir",
     "rows_per_step": "batch_size × accumulative_counts × processes must equal the checkpoint's",
@@ -53,7 +53,9 @@ def data_fingerprint(rows) -> str:
 def run_identity(cfg, rows, rows_per_step: int, world_size: int, strategy: str) -> dict:
     identity = {
         "model": cfg.model, "method": cfg.method, "objective": cfg.objective, "quantization": cfg.quantization,
-        "lora": [cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules] if cfg.method == "lora" else None,
+        # lora_layers joins only when set, so that runs from before the key still resume.
+        "lora": ([cfg.lora_r, cfg.lora_alpha, cfg.lora_target_modules]
+                 + ([cfg.lora_layers] if cfg.lora_layers is not None else [])) if cfg.method == "lora" else None,
         "data_fingerprint": data_fingerprint(rows), "rows_per_step": rows_per_step,
         "world_size": world_size, "strategy": strategy,
     }
