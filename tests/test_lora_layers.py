@@ -41,6 +41,16 @@ def test_malformed_specs_are_refused_when_the_config_loads(tmp_path, spec, messa
     assert f"{path}:2" in str(e.value)  # names the line
 
 
+def test_the_key_needs_method_lora(tmp_path):
+    from lmtune.config import load_config
+
+    path = tmp_path / "c.py"
+    path.write_text("model = 'm'\nmethod = 'full'\nlora_layers = '2:'\n")
+    with pytest.raises(UserError, match="method is 'full'") as e:
+        load_config(str(path))
+    assert f"{path}:3" in str(e.value)
+
+
 @pytest.mark.parametrize("spec, message", [([0, 7], "has 3 layers .* no layer 7"), ("5:", "picks none")])
 def test_specs_the_model_cannot_meet_are_clear_errors(tmp_path, smol_tokenizer, spec, message):
     model = make_tiny_llama(tmp_path / "m", smol_tokenizer, layers=3)

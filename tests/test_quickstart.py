@@ -32,16 +32,16 @@ from lmtune.quickstart import (
 
 NAME, AUTHOR = "Zorblax", "Acme Labs"
 # Floors the quickstart must hold on any CPU. Another CPU rounds differently, which moves training
-# like another seed, so these sit below the spread of 23 runs of the recipe (2026-11-24,
+# like another seed, so these sit below the spread of 31 runs of the recipe (2026-11-24,
 # docs/workflow.md has the table): of 36 unseen identity questions per language, English named in
-# 34-36 and Chinese in 35-36 with seeds 42 and 1-6 on this project's 2-core CPU, 33-36 and 33-36
-# with seeds 1-16 on a GPU; of 36 ordinary questions 25-32 (CPU) and 25-33 (GPU) follow the base
-# up to its near-ties, and at most one carries the new name.
+# 33-36 and Chinese in 34-36 with seeds 42 and 1-6 on this project's 2-core CPU, 33-36 and 32-36
+# with seeds 1-24 on a GPU; of 36 ordinary questions 30-34 (CPU) and 29-34 (GPU) follow the base
+# up to its near-ties, and at most two carry the new name (none on the CPU).
 IDENTITY_SHARE = 3 / 4  # per language (27 of 36)
-GENERAL_FOLLOW_SHARE = 0.6  # ordinary answers that follow the base up to its near-ties (22 of 36)
-NAME_IN_ORDINARY_MAX = 2  # ordinary answers allowed to carry the new name (of 36; 0-1 seen per run)
-# Chinese identity answers in Chinese and whole (33 of 36): in seven CPU runs, one answer was
-# English (seed 5: "是谁把你做出来的？" -> "Is that right? …"); an earlier recipe's held a broken character.
+GENERAL_FOLLOW_SHARE = 2 / 3  # ordinary answers following the base up to its near-ties (24 of 36)
+NAME_IN_ORDINARY_MAX = 2  # ordinary answers allowed to carry the new name (of 36)
+# Chinese identity answers in Chinese and whole (33 of 36): in seven CPU runs, 249 of 252 were; the
+# others English ("是谁把你做出来的？" -> "Is that right? …"); an earlier recipe's held a broken character.
 WHOLE_CHINESE_SHARE = 0.9
 STOPPED_SHARE = 0.5  # identity answers that end with their end-of-turn token, per language
 

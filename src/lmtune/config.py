@@ -301,11 +301,14 @@ def validate(raw: dict, source: str | None = None, lines: dict | None = None) ->
                         hint="remove batch_tokens (micro-batches of batch_size rows), or use strategy 'ddp'")
     _check_objective(cfg, source, lines)
     if cfg.lora_layers is not None:
+        where = f"{source}:{lines['lora_layers']}" if source and "lora_layers" in lines else source
+        if cfg.method != "lora":
+            raise UserError(f"lora_layers picks the layers that get LoRA; method is '{cfg.method}'", where=where,
+                            hint="use method = 'lora', or remove lora_layers")
         try:
             parse_lora_layers(cfg.lora_layers)
         except ValueError as e:
-            raise UserError(f"config key 'lora_layers': {e}", where=f"{source}:{lines['lora_layers']}"
-                            if source and "lora_layers" in lines else source,
+            raise UserError(f"config key 'lora_layers': {e}", where=where,
                             hint='e.g. lora_layers = "4:" (all but the first four) or [0, 1, 2]') from None
     return cfg
 
