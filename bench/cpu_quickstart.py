@@ -64,6 +64,7 @@ def run_lmtune(samples: Path, steps: int, batch: int, work: Path, variant: str) 
     rows = json.loads(samples.read_text())[: steps * batch]
     cfg = load_config("smollm2_135m_lora_self_cognition", {
         "lora_r": LORA["r"], "lora_alpha": LORA["lora_alpha"], "lora_dropout": 0.0, "lora_target_modules": "all-linear",
+        "lora_layers": None,  # every layer, as the PEFT baseline (the quickstart skips the first five)
         "lr": LR, "lr_scheduler": "constant", "warmup_ratio": 0.0, "batch_size": batch, "accumulative_counts": 1,
         "max_steps": steps, "max_length": MAX_LENGTH, "pack_to_max_length": False, "mixed_precision": "bf16",
         "max_norm": 1.0, "evaluation_inputs": [], "seed": 0})
