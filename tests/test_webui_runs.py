@@ -83,6 +83,20 @@ def test_a_config_started_from_a_built_in_keeps_the_keys_the_form_does_not_set(t
     assert f"starting from '{base}'" in path.read_text()
 
 
+def test_full_fine_tuning_from_a_base_config_that_picks_lora_layers_loads(tmp_path, tiny_model_dir):
+    base = "smollm2_135m_lora_self_cognition"
+    assert load_config(base).lora_layers is not None
+    form = F.form_from_config(load_config(base))
+    data = write_jsonl(tmp_path / "data.jsonl", _records(4))
+    form.update(model=tiny_model_dir, datasets=str(data), method="full")
+    path = runs.write_config(tmp_path / "w" / runs.CONFIG_NAME, F.config_values(form, gpus=0), base)
+    cfg = load_config(str(path))
+    assert (cfg.method, cfg.lora_layers) == ("full", None)
+    form["method"] = "lora"  # with LoRA the base's choice stays
+    path = runs.write_config(tmp_path / "w2" / runs.CONFIG_NAME, F.config_values(form, gpus=0), base)
+    assert load_config(str(path)).lora_layers == load_config(base).lora_layers
+
+
 def test_a_bad_value_gets_the_cli_message_for_its_field_and_nothing_is_written(tmp_path, tiny_model_dir):
     data = write_jsonl(tmp_path / "data.jsonl", _records(4))
     (tmp_path / "mine").mkdir()  # the user's own empty folder stays

@@ -89,6 +89,8 @@ def config_values(form: dict, base_datasets: list | None = None, gpus: int = 0) 
         values["model"] = values["model"].strip()
     method = form.get("method") or "lora"
     values["method"], values["quantization"] = METHODS.get(method, (method, "none"))
+    if values["method"] != "lora":
+        values["lora_layers"] = None  # a base config's LoRA layer choice does not apply to the page's method
     by_path = {}
     for entry in base_datasets or []:
         path = entry if isinstance(entry, str) else entry.get("path") if isinstance(entry, dict) else None
